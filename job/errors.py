@@ -1,0 +1,45 @@
+"""The job's exceptions, each tied to one documented exit code (see README, "Exit codes")."""
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint was uploaded; safe to rerun
+
+
+class JobError(Exception):
+    """An error the job expected: printed as one message (no traceback) and mapped to an exit code."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class ConfigError(JobError):
+    """Bad configuration or input: the message names the file, row or key. Retrying cannot help."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, problems):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class InputError(ConfigError):
+    """Bad input data (CSV, model folder, tokenizer): same exit code as a bad configuration."""
+
+
+class StorageError(JobError):
+    """Missing bucket or object, access denied, or an endpoint that kept failing after retries."""
+
+    exit_code = EXIT_STORAGE
+
+
+class Preempted(JobError):
+    """SIGTERM arrived; a checkpoint was saved and uploaded, so a rerun continues from it."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class StaleStageError(ConfigError):
+    """A stage's stored result was made with other settings; rerun with --force STAGE."""
