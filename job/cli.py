@@ -1,0 +1,125 @@
+"""The `job` command line (click). The only module that knows about click or reads the arguments."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from job.errors import EXIT_UNEXPECTED, JobError
+
+log = logging.getLogger("job")
+
+STAGES = ("format", "train", "merge", "evaluate")
+
+
+def config_options(fn):
+    """--config and --set, shared by every command that resolves a config."""
+    fn = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                      help="Override one key, e.g. --set train.learning_rate=1e-4 (repeatable).")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+                      help="YAML config file (sections: data, prompt, model, storage, train, merge, evaluate).")(fn)
+    return fn
+
+
+def _load(config_file, assignments):
+    from job.config import load_config
+    from job.logs import add_secret_filter
+
+    cfg = load_config(config_file, tuple(assignments))
+    add_secret_filter(cfg)
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="qlora-job")
+def cli(verbose):
+    """Fine-tune a causal language model with QLoRA: format -> train -> merge -> evaluate.
+
+    Every stage reads and writes under run_uri (a folder or s3://bucket/prefix), skips work that is
+    already done, and resumes training from the last uploaded checkpoint.
+    """
+    from job.logs import setup_logging
+
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
+
+
+def _run_stages(config_file, assignments, stages, force):
+    from job.runner import run_pipeline
+
+    cfg = _load(config_file, assignments)
+    run_pipeline(cfg, stages, force)
+
+
+@cli.command()
+@config_options
+@click.option("--stages", default=",".join(STAGES), show_default=True,
+              help="Comma-separated stages to run, in pipeline order.")
+@click.option("--force", type=click.Choice(STAGES), help="Redo this stage and every stage after it.")
+def run(config_file, assignments, stages, force):
+    """Run the pipeline: each stage is skipped when done, resumed when partial."""
+    selected = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in selected if s not in STAGES]
+    if unknown:
+        raise click.BadParameter(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}",
+                                 param_hint="--stages")
+    _run_stages(config_file, assignments, selected, force)
+
+
+def _stage_command(name):
+    @config_options
+    @click.option("--force", type=click.Choice(STAGES), help="Redo this stage and every stage after it.")
+    def command(config_file, assignments, force):
+        _run_stages(config_file, assignments, [name], force)
+
+    command.__doc__ = f"Run the {name} stage alone (the stages it needs must be done)."
+    return cli.command(name=name)(command)
+
+
+for _name in STAGES:
+    _stage_command(_name)
+
+
+@cli.command()
+@config_options
+def plan(config_file, assignments):
+    """Show each stage as done / pending / stale (and why) without running anything."""
+    from job.runner import pipeline_for
+
+    cfg = _load(config_file, assignments)
+    for status in pipeline_for(cfg).status():
+        line = f"{status.stage:<9} {status.state:<8} {status.reason}"
+        click.echo(line.rstrip())
+
+
+@cli.command()
+@config_options
+def config(config_file, assignments):
+    """Print the resolved configuration as YAML (secrets redacted)."""
+    from job.config import to_yaml
+
+    click.echo(to_yaml(_load(config_file, assignments)), nl=False)
+
+
+def main(argv=None):
+    """Entry point: map the job's errors to their documented exit codes."""
+    try:
+        cli.main(args=argv, prog_name="job", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)  # usage errors are bad input too
+    except JobError as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:  # noqa: BLE001 - the last resort: log the traceback, exit 1
+        log.error("unexpected error:\n%s", traceback.format_exc())
+        sys.exit(EXIT_UNEXPECTED)
+    sys.exit(0)

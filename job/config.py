@@ -1,0 +1,489 @@
+"""Configuration: typed sections, layered loading, and validation that reports every problem at once.
+
+Precedence, lowest first: defaults < --config FILE < SageMaker hyperparameters.json (dotted keys)
+< environment variables JOB_<SECTION>__<KEY> (and JOB_RUN_URI) < --set section.key=value.
+A problem (unknown key, wrong type, missing required key, bad value) names its key and where it
+came from; all problems are collected and raised together as one ConfigError (exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from job.errors import ConfigError
+
+REDACTED = "***"
+
+
+def secret(default=None, doc: str = ""):
+    """A field whose value never appears in logs, config.yaml, markers or reports."""
+    return field(default=default, metadata={"secret": True, "doc": doc})
+
+
+@dataclass
+class DataConfig:
+    """The CSV to learn from and how its rows become prompt/completion records."""
+
+    uri: str = ""
+    """CSV file: local path or s3://bucket/key. Required."""
+    label_column: str = "gold_label"
+    """Column whose value selects the rows to keep."""
+    label: Optional[str] = "contradiction"
+    """Keep rows whose label_column equals this; null keeps every row."""
+    source_column: str = "sentence1"
+    """Column with the model's input (the sentence to negate)."""
+    target_column: str = "sentence2"
+    """Column with the gold output (the negation)."""
+    eval_size: int = 500
+    """Rows held out for evaluation (seeded random choice). 0 disables evaluation data."""
+    max_rows: Optional[int] = None
+    """Use at most this many kept rows (seeded sample) before splitting; null uses all."""
+    seed: int = 42
+    """Seed for the eval split and the sample."""
+
+
+@dataclass
+class PromptConfig:
+    """The Alpaca-style template shared by training, evaluation and `job predict`."""
+
+    preamble: str = (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request."
+    )
+    """First paragraph of every prompt."""
+    instruction: str = (
+        "Write the negation of the input sentence. Answer with a JSON object with the keys "
+        '"original_sentence" (the input, copied exactly) and "negation" (a sentence that '
+        "contradicts it)."
+    )
+    """The task, under `### Instruction:`."""
+    original_key: str = "original_sentence"
+    """JSON key that echoes the input."""
+    output_key: str = "negation"
+    """JSON key of the answer."""
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a Hugging Face model folder (config, safetensors weights, tokenizer)."""
+
+    uri: str = ""
+    """Model folder: local path or s3://bucket/prefix. Required."""
+    cache_dir: str = ""
+    """Where the model is downloaded once and reused on restart. Empty: $JOB_CACHE_DIR or ~/.cache/qlora-job."""
+    attn_implementation: str = "auto"
+    """auto, sdpa, eager, flex_attention, flash_attention_2 ... (auto: sdpa on CPU, flex on CUDA where it works)."""
+
+
+@dataclass
+class StorageConfig:
+    """How to reach S3-compatible object storage (AWS, MinIO, R2, Ceph)."""
+
+    endpoint_url: str = ""
+    """Custom S3 endpoint. Empty: boto3's default (AWS, or $AWS_ENDPOINT_URL)."""
+    max_attempts: int = 10
+    """Attempts per request, with exponential backoff on throttling, 5xx and dropped connections."""
+    max_concurrency: int = 8
+    """Parallel parts and files per transfer."""
+    multipart_chunk_mb: int = 64
+    """Files above this size go up and down in parts of this size."""
+    access_key_id: str = secret("", "Access key; prefer the AWS_* environment variables or a role.")
+    secret_access_key: str = secret("", "Secret key; prefer the AWS_* environment variables or a role.")
+    session_token: str = secret("", "Session token, if the key is temporary.")
+
+
+@dataclass
+class TrainConfig:
+    """QLoRA training: the notebook's method (NF4 base, LoRA r=64, alpha 16, dropout 0.1), done right."""
+
+    load_in_4bit: bool = True
+    """Quantize the frozen base to 4-bit NF4 (QLoRA). false trains plain LoRA on a 16/32-bit base."""
+    quant_type: str = "nf4"
+    """bitsandbytes 4-bit type: nf4 or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bit per parameter)."""
+    compute_dtype: str = "auto"
+    """auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), bf16, fp16 or fp32."""
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: Union[str, list] = "all-linear"
+    """LoRA targets: "all-linear" or a list of module names such as [q_proj, v_proj]."""
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    optimizer: str = "auto"
+    """auto (fused AdamW on CUDA, AdamW on CPU) or any transformers `optim` name."""
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 runs `epochs`."""
+    micro_batch_size: Union[int, str] = "auto"
+    """Sequences per device per step ("auto": chosen from free GPU memory)."""
+    gradient_accumulation: int = 1
+    max_seq_length: int = 512
+    """Longer examples are dropped and counted in the metrics (never silently truncated)."""
+    packing: bool = True
+    """Pack examples into rows without cross-example attention (padding-free, position ids)."""
+    packing_length: Union[int, str] = "auto"
+    """Tokens per packed row ("auto": chosen from free GPU memory)."""
+    gradient_checkpointing: Union[bool, str] = "auto"
+    """Recompute activations to save memory ("auto": from free GPU memory)."""
+    seed: int = 42
+    logging_steps: int = 10
+    checkpoint_every_steps: int = 100
+    """Save and upload a checkpoint every N optimizer steps (0: off)."""
+    checkpoint_every_minutes: float = 30.0
+    """... and/or every M minutes of training (0: off)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage (the newest K)."""
+    background_upload: bool = True
+    """Upload checkpoints while training continues."""
+    dataloader_workers: int = 0
+
+
+@dataclass
+class MergeConfig:
+    """Merging the adapter into a 16-bit copy of the base model."""
+
+    enabled: bool = True
+    """false: stop at the adapter (no merged/ folder; evaluate then uses base+adapter)."""
+    dtype: str = "auto"
+    """auto (bf16 where supported, else fp16), bf16, fp16 or fp32."""
+    device: str = "auto"
+    """auto (GPU when the model fits, else CPU), cuda or cpu."""
+    max_shard_size: str = "2GB"
+    check_prompts: int = 4
+    """Eval prompts run through base+adapter and merged to compare logits."""
+    tolerance: float = 0.0
+    """Max allowed logit difference; 0 picks one suited to the dtype."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Generation on the held-out rows and the report."""
+
+    enabled: bool = True
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    compare_base: bool = True
+    """Also run the untouched base model on the same prompts, for a side-by-side report."""
+    max_examples: Optional[int] = None
+    """Evaluate at most this many eval rows; null: all."""
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+@dataclass
+class Config:
+    """The whole job."""
+
+    run_uri: str = ""
+    """Where the run writes: local folder or s3://bucket/prefix. Required."""
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+SECTIONS = {f.name for f in dataclasses.fields(Config) if f.name != "run_uri"}
+REQUIRED = ("run_uri", "data.uri", "model.uri")
+ENV_PREFIX = "JOB_"
+SAGEMAKER_HYPERPARAMETERS = "/opt/ml/input/config/hyperparameters.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: each becomes a flat {"section.key": (value, source)} mapping, applied in order.
+
+
+def _flatten(tree: dict, source: str, problems: list, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and prefix == "" and key in SECTIONS:
+            flat.update(_flatten(value, source, problems, prefix=f"{key}."))
+        else:
+            flat[dotted] = (value, source)
+    return flat
+
+
+def _file_layer(path: str, problems: list) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"--config {path}: cannot read ({exc.strerror})")
+        return {}
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        problems.append(f"--config {path}: not valid YAML ({exc})")
+        return {}
+    if not isinstance(tree, dict):
+        problems.append(f"--config {path}: the top level must be a mapping of sections")
+        return {}
+    return _flatten(tree, f"config file {path}", problems)
+
+
+def _hyperparameters_layer(path: str, problems: list) -> dict:
+    """SageMaker passes hyperparameters as a JSON object of strings; keys are dotted (train.lora_r)."""
+    if not Path(path).is_file():
+        return {}
+    try:
+        tree = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: not valid JSON ({exc})")
+        return {}
+    return {key: (_parse_scalar(value) if isinstance(value, str) else value, path) for key, value in tree.items()
+            # SageMaker adds its own sagemaker_* entries for script mode: not ours.
+            if not key.startswith("sagemaker_")}
+
+
+def _env_layer(environ: dict) -> dict:
+    flat = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("JOB_CACHE_DIR", "JOB_NPROC"):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        dotted = rest.replace("__", ".", 1) if "__" in rest else rest
+        flat[dotted] = (_parse_scalar(value), f"environment variable {name}")
+    return flat
+
+
+def _set_layer(assignments: tuple, problems: list) -> dict:
+    flat = {}
+    for item in assignments:
+        if "=" not in item:
+            problems.append(f"--set {item}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+            continue
+        key, value = item.split("=", 1)
+        flat[key.strip()] = (_parse_scalar(value), f"--set {key.strip()}")
+    return flat
+
+
+def _parse_scalar(text: str) -> Any:
+    """Strings from env/--set/hyperparameters are parsed as YAML scalars (1e-4, true, null, [a, b])."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Types: coerce a layered value to the field's declared type, or explain why not.
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Return value converted to `annotation`, or raise TypeError with the expected type's name."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                continue
+        raise TypeError(" or ".join(_type_name(o) for o in options))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError("true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError("an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError("a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. max_shard_size: 2000 or a numeric label
+        raise TypeError("a string")
+    if annotation is list:
+        if isinstance(value, list):
+            return value
+        raise TypeError("a list")
+    raise TypeError(_type_name(annotation))
+
+
+def _type_name(annotation) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list", type(None): "null"}.get(annotation, str(annotation))
+
+
+_HINTS_CACHE: dict = {}
+
+
+def _field_types(cls) -> dict:
+    if cls not in _HINTS_CACHE:
+        _HINTS_CACHE[cls] = typing.get_type_hints(cls)
+    return _HINTS_CACHE[cls]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(config_file: Optional[str] = None, assignments: tuple = (),
+                environ: Optional[dict] = None, hyperparameters: Optional[str] = None) -> Config:
+    """Build the Config from every layer; raise one ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    layers = []
+    if config_file:
+        layers.append(_file_layer(config_file, problems))
+    hp_path = hyperparameters or environ.get("JOB_SAGEMAKER_HYPERPARAMETERS", SAGEMAKER_HYPERPARAMETERS)
+    layers.append(_hyperparameters_layer(hp_path, problems))
+    layers.append(_env_layer({k: v for k, v in environ.items() if k != "JOB_SAGEMAKER_HYPERPARAMETERS"}))
+    layers.append(_set_layer(assignments, problems))
+
+    cfg = Config()
+    for layer in layers:
+        for dotted, (value, source) in layer.items():
+            _assign(cfg, dotted, value, source, problems)
+
+    for key in REQUIRED:
+        if not get_key(cfg, key):
+            env = ENV_PREFIX + key.upper().replace(".", "__", 1)
+            problems.append(f"{key}: required but not set (config file, {env}, or --set {key}=...)")
+    problems.extend(_check_values(cfg))
+    if problems:
+        raise ConfigError(["invalid configuration:"] + [f"  - {p}" for p in problems])
+    return cfg
+
+
+def _assign(cfg: Config, dotted: str, value: Any, source: str, problems: list) -> None:
+    parts = dotted.split(".")
+    if len(parts) == 1:
+        section, name = cfg, parts[0]
+    elif len(parts) == 2 and parts[0] in SECTIONS:
+        section, name = getattr(cfg, parts[0]), parts[1]
+    else:
+        problems.append(f"{dotted}: unknown key (from {source}); sections are {', '.join(sorted(SECTIONS))}")
+        return
+    if dataclasses.is_dataclass(getattr(section, name, None)):
+        problems.append(f"{dotted}: is a section; set its keys, e.g. {dotted}.<key> (from {source})")
+        return
+    known = {f.name for f in dataclasses.fields(section)}
+    if name not in known:
+        close = [k for k in known if k.startswith(name[:4])]
+        hint = f"; did you mean {', '.join(sorted(close))}?" if close else ""
+        problems.append(f"{dotted}: unknown key (from {source}){hint}")
+        return
+    try:
+        setattr(section, name, _coerce(value, _field_types(type(section))[name]))
+    except TypeError as exc:
+        problems.append(f"{dotted}: expected {exc}, got {value!r} (from {source})")
+
+
+_CHOICES = {
+    "train.quant_type": ("nf4", "fp4"),
+    "train.compute_dtype": ("auto", "bf16", "fp16", "fp32"),
+    "merge.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "merge.device": ("auto", "cuda", "cpu"),
+}
+
+
+def _check_values(cfg: Config) -> list[str]:
+    problems = []
+    for key, choices in _CHOICES.items():
+        if get_key(cfg, key) not in choices:
+            problems.append(f"{key}: must be one of {', '.join(choices)}, got {get_key(cfg, key)!r}")
+    for key in ("data.eval_size", "train.lora_r", "train.gradient_accumulation", "train.max_seq_length",
+                "evaluate.max_new_tokens", "evaluate.batch_size", "train.keep_checkpoints",
+                "storage.max_attempts", "storage.max_concurrency", "storage.multipart_chunk_mb"):
+        value = get_key(cfg, key)
+        if value < (0 if key == "data.eval_size" else 1):
+            problems.append(f"{key}: must be {'>= 0' if key == 'data.eval_size' else 'positive'}, got {value}")
+    for key in ("train.micro_batch_size", "train.packing_length"):
+        value = get_key(cfg, key)
+        if isinstance(value, str) and value != "auto" or isinstance(value, int) and value < 1:
+            problems.append(f"{key}: must be a positive integer or \"auto\", got {value!r}")
+    if isinstance(cfg.train.gradient_checkpointing, str) and cfg.train.gradient_checkpointing != "auto":
+        problems.append(f"train.gradient_checkpointing: must be true, false or \"auto\", "
+                        f"got {cfg.train.gradient_checkpointing!r}")
+    if not 0 <= cfg.train.lora_dropout < 1:
+        problems.append(f"train.lora_dropout: must be in [0, 1), got {cfg.train.lora_dropout}")
+    if cfg.data.source_column == cfg.data.target_column:
+        problems.append("data.source_column and data.target_column: must name different columns")
+    if cfg.prompt.original_key == cfg.prompt.output_key:
+        problems.append("prompt.original_key and prompt.output_key: must differ")
+    return problems
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Any, redact: bool = True) -> dict:
+    """The config as plain data; secret fields (and credentials inside URLs) replaced by ***."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value, redact)
+        elif redact and f.metadata.get("secret") and value:
+            value = REDACTED
+        elif redact and isinstance(value, str):
+            value = redact_text(value)
+        out[f.name] = value
+    return out
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """Hide user:password@ in URLs."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+
+
+def secret_values(cfg: Config) -> list[str]:
+    """Every secret the config holds, so a log filter can mask them wherever they appear."""
+    values = []
+    for section in (cfg.storage,):
+        for f in dataclasses.fields(section):
+            if f.metadata.get("secret") and getattr(section, f.name):
+                values.append(getattr(section, f.name))
+    return values
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=100)
+
+
+def section_digest(*sections: Any) -> str:
+    """A stable hash of config sections, used in stage fingerprints."""
+    payload = json.dumps([to_dict(s, redact=True) if dataclasses.is_dataclass(s) else s for s in sections],
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

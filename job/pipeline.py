@@ -1,0 +1,224 @@
+"""Stages, fingerprints and markers: run what is missing, skip what is done, refuse to mix results.
+
+Each stage declares the config keys it depends on and the stages whose outputs it reads. Its
+fingerprint hashes those config values, the upstream fingerprints and the job version. When a stage
+finishes, `_stages/<stage>.json` is written last (after every output), so a marker means "complete".
+When a stage starts, `_stages/<stage>.started.json` records the fingerprint: partial outputs (train
+checkpoints) are reused by a rerun with the same settings and refused, naming the changed keys,
+when the settings differ, unless the user forces the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import job
+from job.config import Config, get_key, redact_text, to_dict
+from job.errors import ConfigError, StaleStageError
+from job.storage import Store
+
+log = logging.getLogger("job.pipeline")
+
+MARKERS = "_stages"
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Config, "Context"], dict]
+    config_keys: tuple[str, ...]
+    """Sections ("train") or keys ("data.uri") whose values change this stage's result."""
+    needs: tuple[str, ...] = ()
+    """Upstream stages whose outputs this stage reads."""
+    outputs: tuple[str, ...] = ()
+    """Paths under run_uri this stage writes (cleared when it is rerun with other settings)."""
+    enabled: Callable[[Config], bool] = lambda cfg: True
+    disabled_reason: str = ""
+
+
+@dataclass
+class Context:
+    """What a stage gets besides the config: where to write, a scratch folder, upstream results."""
+
+    store: Store
+    work_dir: Path
+    fingerprint: str
+    upstream: dict = field(default_factory=dict)
+    """name -> marker of every stage this one needs."""
+    log: logging.Logger = log
+    stop: Optional[object] = None
+    """A job.platform.StopRequest the train stage polls (SIGTERM -> checkpoint -> exit 75)."""
+
+
+@dataclass
+class Status:
+    stage: str
+    state: str  # done | pending | stale | disabled
+    reason: str = ""
+    fingerprint: str = ""
+    changed: list = field(default_factory=list)
+
+
+def flat_config(cfg: Config, keys: tuple[str, ...]) -> dict:
+    """{"train.lora_r": 64, ...} for every key under the given sections/keys, secrets redacted."""
+    flat = {}
+    for key in keys:
+        value = get_key(cfg, key)
+        if hasattr(value, "__dataclass_fields__"):
+            for name, item in to_dict(value).items():
+                flat[f"{key}.{name}"] = item
+        else:
+            flat[key] = redact_text(value) if isinstance(value, str) else value
+    return flat
+
+
+def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str]) -> str:
+    payload = {"config": flat_config(cfg, stage.config_keys), "upstream": upstream, "version": job.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage], cfg: Config, store: Store, work_dir: Path, stop=None):
+        self.stop = stop
+        self.stages = {s.name: s for s in stages}
+        self.order = [s.name for s in stages]
+        self.cfg = cfg
+        self.store = store
+        self.work_dir = Path(work_dir)
+
+    # -- markers -------------------------------------------------------------------------------
+
+    def marker(self, name: str, suffix: str = "") -> Optional[dict]:
+        path = f"{MARKERS}/{name}{suffix}.json"
+        if not self.store.exists(path):
+            return None
+        return json.loads(self.store.read_text(path))
+
+    def _write_marker(self, name: str, record: dict, suffix: str = "") -> None:
+        self.store.write_text(f"{MARKERS}/{name}{suffix}.json", json.dumps(record, indent=2, default=str) + "\n")
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> list[Status]:
+        """Every stage's state without running anything (what `job plan` prints)."""
+        result, fps = [], {}
+        for name in self.order:
+            stage = self.stages[name]
+            if not stage.enabled(self.cfg):
+                result.append(Status(name, "disabled", stage.disabled_reason))
+                continue
+            upstream = {n: fps.get(n, "") for n in stage.needs if self.stages[n].enabled(self.cfg)}
+            fp = fingerprint(stage, self.cfg, upstream)
+            fps[name] = fp
+            result.append(self._status_of(stage, fp, upstream))
+        return result
+
+    def _status_of(self, stage: Stage, fp: str, upstream: dict) -> Status:
+        done = self.marker(stage.name)
+        started = self.marker(stage.name, ".started")
+        for record, what in ((done, "finished"), (started, "partial")):
+            if record is None:
+                continue
+            if record.get("fingerprint") == fp:
+                if what == "finished":
+                    return Status(stage.name, "done", f"finished {record.get('finished_at', '')}".strip(), fp)
+                continue
+            changed = self._changed(stage, record, upstream)
+            return Status(stage.name, "stale", f"{what} results were made with other settings: "
+                          + "; ".join(changed), fp, changed)
+        if started is not None:
+            return Status(stage.name, "pending", "partial results exist and will be reused (resume)", fp)
+        return Status(stage.name, "pending", "not run yet", fp)
+
+    def _changed(self, stage: Stage, record: dict, upstream: dict) -> list[str]:
+        old, new = record.get("config", {}), flat_config(self.cfg, stage.config_keys)
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k)]
+        for name, fp in upstream.items():
+            if record.get("upstream", {}).get(name) != fp:
+                changed.append(f"stage {name} changed")
+        if record.get("version") != job.__version__:
+            changed.append(f"job version {record.get('version')} -> {job.__version__}")
+        return changed or ["fingerprint differs"]
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, selected: Optional[list[str]] = None, force: Optional[str] = None) -> dict[str, dict]:
+        """Run the selected stages in order (all by default). Returns name -> marker."""
+        selected = list(selected or self.order)
+        for name in selected + ([force] if force else []):
+            if name not in self.stages:
+                raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(self.order)}")
+        if force:
+            # Forcing a stage invalidates it and every stage after it, selected or not: their
+            # results were built on what is about to be replaced.
+            for name in self.order[self.order.index(force):]:
+                self._clear(self.stages[name])
+
+        results: dict[str, dict] = {}
+        statuses = {s.stage: s for s in self.status()}
+        for name in self.order:
+            stage, status = self.stages[name], statuses[name]
+            if status.state == "disabled":
+                if name in selected:
+                    log.info("stage %s: skipped (%s)", name, status.reason)
+                continue
+            if name not in selected:
+                if status.state == "done":
+                    results[name] = self.marker(name)
+                continue
+            missing = [n for n in stage.needs if self.stages[n].enabled(self.cfg) and n not in results]
+            if missing:
+                raise ConfigError(f"stage {name} needs the results of {', '.join(missing)}: run "
+                                  f"`job run --stages {','.join(missing + [name])}` (or `job run`)")
+            if status.state == "stale":
+                raise StaleStageError(
+                    f"stage {name}: {status.reason}. Refusing to mix results; rerun with "
+                    f"--force {name} to redo it (and the stages after it), or use another run_uri.")
+            if status.state == "done":
+                log.info("stage %s: done already (fingerprint %s), skipping", name, status.fingerprint)
+                results[name] = self.marker(name)
+                continue
+            results[name] = self._run_stage(stage, {n: results[n] for n in stage.needs if n in results})
+            statuses = {s.stage: s for s in self.status()}  # downstream fingerprints depend on this one
+        return results
+
+    def _clear(self, stage: Stage) -> None:
+        if self.marker(stage.name) is None and self.marker(stage.name, ".started") is None:
+            return
+        log.info("stage %s: forced, clearing earlier results (%s)", stage.name, ", ".join(stage.outputs) or "marker")
+        self.store.delete(f"{MARKERS}/{stage.name}.json")
+        for output in stage.outputs:
+            self.store.delete(output)
+        self.store.delete(f"{MARKERS}/{stage.name}.started.json")
+
+    def _run_stage(self, stage: Stage, upstream_markers: dict) -> dict:
+        upstream = {n: m["fingerprint"] for n, m in upstream_markers.items()}
+        fp = fingerprint(stage, self.cfg, upstream)
+        record = {"stage": stage.name, "fingerprint": fp, "version": job.__version__, "upstream": upstream,
+                  "config": flat_config(self.cfg, stage.config_keys)}
+        previous = self.marker(stage.name, ".started")
+        if previous is None or previous.get("fingerprint") != fp:
+            self._write_marker(stage.name, {**record, "started_at": _now()}, ".started")
+        work_dir = self.work_dir / stage.name
+        work_dir.mkdir(parents=True, exist_ok=True)
+        log.info("stage %s: running (fingerprint %s)", stage.name, fp)
+        t0, started_at = time.monotonic(), _now()
+        ctx = Context(store=self.store, work_dir=work_dir, fingerprint=fp, upstream=upstream_markers,
+                      log=logging.getLogger(f"job.{stage.name}"), stop=self.stop)
+        metrics = stage.run(self.cfg, ctx) or {}
+        record.update(started_at=started_at, finished_at=_now(),
+                      seconds=round(time.monotonic() - t0, 3), metrics=metrics)
+        self._write_marker(stage.name, record)  # last: the marker is the proof of completion
+        log.info("stage %s: done in %.1f s", stage.name, record["seconds"])
+        return record
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

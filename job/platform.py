@@ -1,0 +1,73 @@
+"""Where the job runs (SageMaker, Kubernetes, RunPod, local), its local folders, and stop signals."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from job.config import Config
+
+log = logging.getLogger("job.platform")
+
+
+def detect(environ=os.environ) -> str:
+    if environ.get("SM_TRAINING_ENV") or environ.get("TRAINING_JOB_NAME") or Path("/opt/ml/input/config").is_dir():
+        return "sagemaker"
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        return "kubernetes"
+    if environ.get("RUNPOD_POD_ID"):
+        return "runpod"
+    return "local"
+
+
+def cache_dir(cfg: Config, environ=os.environ) -> Path:
+    """Downloads (the base model) and scratch space: model.cache_dir, $JOB_CACHE_DIR, or ~/.cache/qlora-job."""
+    root = cfg.model.cache_dir or environ.get("JOB_CACHE_DIR") or "~/.cache/qlora-job"
+    return Path(root).expanduser()
+
+
+def work_dir(cfg: Config) -> Path:
+    """Local scratch for this run: stable across restarts of the same run_uri, so work can be reused."""
+    digest = hashlib.sha256(cfg.run_uri.encode()).hexdigest()[:12]
+    path = cache_dir(cfg) / "work" / digest
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class StopRequest:
+    """Turns SIGTERM (spot preemption, pod eviction, `docker stop`) into a flag the trainer polls.
+
+    The handler only sets a flag: the current optimizer step finishes, then the train stage saves
+    and uploads a checkpoint and exits 75. A second SIGTERM does the same (it is not fatal), and
+    SIGINT keeps its default (KeyboardInterrupt) so a person at a terminal can still stop at once.
+    """
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.received_at: float | None = None
+        self._previous = None
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import time
+
+        if not self.event.is_set():
+            self.received_at = time.monotonic()
+            log.warning("SIGTERM received: finishing the current step, then saving a checkpoint")
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
