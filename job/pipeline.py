@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import job
 from job.config import Config, get_key, redact_text, to_dict
-from job.errors import ConfigError, StaleStageError
+from job.errors import ConfigError, Preempted, StaleStageError
 from job.storage import Store
 
 log = logging.getLogger("job.pipeline")
@@ -34,6 +34,8 @@ class Stage:
     run: Callable[[Config, "Context"], dict]
     config_keys: tuple[str, ...]
     """Sections ("train") or keys ("data.uri") whose values change this stage's result."""
+    ignore: tuple[str, ...] = ()
+    """Keys under config_keys that do not change the result (how often to log or checkpoint)."""
     needs: tuple[str, ...] = ()
     """Upstream stages whose outputs this stage reads."""
     outputs: tuple[str, ...] = ()
@@ -65,7 +67,7 @@ class Status:
     changed: list = field(default_factory=list)
 
 
-def flat_config(cfg: Config, keys: tuple[str, ...]) -> dict:
+def flat_config(cfg: Config, keys: tuple[str, ...], ignore: tuple[str, ...] = ()) -> dict:
     """{"train.lora_r": 64, ...} for every key under the given sections/keys, secrets redacted."""
     flat = {}
     for key in keys:
@@ -75,11 +77,11 @@ def flat_config(cfg: Config, keys: tuple[str, ...]) -> dict:
                 flat[f"{key}.{name}"] = item
         else:
             flat[key] = redact_text(value) if isinstance(value, str) else value
-    return flat
+    return {k: v for k, v in flat.items() if k not in ignore}
 
 
 def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str]) -> str:
-    payload = {"config": flat_config(cfg, stage.config_keys), "upstream": upstream, "version": job.__version__}
+    payload = {"config": flat_config(cfg, stage.config_keys, stage.ignore), "upstream": upstream, "version": job.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -137,7 +139,7 @@ class Pipeline:
         return Status(stage.name, "pending", "not run yet", fp)
 
     def _changed(self, stage: Stage, record: dict, upstream: dict) -> list[str]:
-        old, new = record.get("config", {}), flat_config(self.cfg, stage.config_keys)
+        old, new = record.get("config", {}), flat_config(self.cfg, stage.config_keys, stage.ignore)
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                    if old.get(k) != new.get(k)]
         for name, fp in upstream.items():
@@ -185,6 +187,8 @@ class Pipeline:
                 log.info("stage %s: done already (fingerprint %s), skipping", name, status.fingerprint)
                 results[name] = self.marker(name)
                 continue
+            if self.stop is not None and self.stop.is_set():
+                raise Preempted(f"stopped by SIGTERM before stage {name}; finished stages are kept, rerun to go on")
             results[name] = self._run_stage(stage, {n: results[n] for n in stage.needs if n in results})
             statuses = {s.stage: s for s in self.status()}  # downstream fingerprints depend on this one
         return results
@@ -202,7 +206,7 @@ class Pipeline:
         upstream = {n: m["fingerprint"] for n, m in upstream_markers.items()}
         fp = fingerprint(stage, self.cfg, upstream)
         record = {"stage": stage.name, "fingerprint": fp, "version": job.__version__, "upstream": upstream,
-                  "config": flat_config(self.cfg, stage.config_keys)}
+                  "config": flat_config(self.cfg, stage.config_keys, stage.ignore)}
         previous = self.marker(stage.name, ".started")
         if previous is None or previous.get("fingerprint") != fp:
             self._write_marker(stage.name, {**record, "started_at": _now()}, ".started")

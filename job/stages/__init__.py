@@ -16,6 +16,11 @@ def storage_options(cfg: Config) -> dict:
             "max_concurrency": s.max_concurrency, "multipart_chunk_mb": s.multipart_chunk_mb}
 
 
+# How often to log or checkpoint changes nothing in the adapter: changing them keeps a run resumable.
+OPERATIONAL_TRAIN_KEYS = ("train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints",
+                          "train.background_upload", "train.logging_steps", "train.dataloader_workers")
+
+
 def _lazy(module: str):
     def run(cfg, ctx):
         import importlib
@@ -27,8 +32,10 @@ def _lazy(module: str):
 
 def all_stages() -> list[Stage]:
     return [
-        Stage("format", _lazy("format"), config_keys=("data", "prompt"),
-              outputs=("data",)),
+        Stage("format", _lazy("format"), config_keys=("data", "prompt"), outputs=("data",)),
+        # storage settings and cache folders change where bytes travel, not the result: not in the keys.
+        Stage("train", _lazy("train"), config_keys=("model.uri", "model.attn_implementation", "train"),
+              ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=("adapter", "checkpoints", "tensorboard")),
     ]
 
 

@@ -1,0 +1,119 @@
+"""The base model: fetch it once into the cache, check it is usable, load it for each stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from job.config import Config
+from job.errors import InputError
+from job.platform import cache_dir
+from job.storage import is_s3, open_store
+
+log = logging.getLogger("job.model")
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+COMPLETE = ".complete"
+
+
+def fetch_model(uri: str, cfg: Config, storage_opts: dict) -> Path:
+    """A local folder holding the model at `uri`: the folder itself, or a cached download.
+
+    A download goes to a temporary folder and is renamed into place with a `.complete` stamp, so a
+    restart after a kill reuses a finished download and redoes an unfinished one.
+    """
+    if not is_s3(uri):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise InputError(f"model.uri: no such folder: {uri}")
+        check_model_folder(path, uri)
+        return path
+    target = cache_dir(cfg) / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / COMPLETE).is_file():
+        log.info("model %s: using the cached copy in %s", uri, target)
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("model %s: downloading to %s", uri, target)
+    files = open_store(uri, **storage_opts).download_dir("", partial)
+    check_model_folder(partial, uri)
+    (partial / COMPLETE).write_text(json.dumps({"uri": uri, "files": len(files)}))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def check_model_folder(path: Path, uri: str) -> None:
+    """Fail early, with what is missing, instead of deep inside from_pretrained."""
+    names = {p.name for p in path.iterdir()}
+    problems = []
+    if "config.json" not in names:
+        problems.append("config.json")
+    if not names.intersection(WEIGHT_FILES):
+        problems.append("weights (model.safetensors or model.safetensors.index.json with shards)")
+    if not names.intersection(TOKENIZER_FILES):
+        problems.append("a tokenizer (tokenizer.json or tokenizer.model)")
+    if problems:
+        raise InputError(f"model.uri {uri}: not a usable Hugging Face model folder, missing {'; '.join(problems)}. "
+                         f"Found: {', '.join(sorted(names)) or 'nothing'}")
+
+
+def load_tokenizer(model_dir: Path, uri: str):
+    """The tokenizer with an EOS to train on and a pad token that is not EOS.
+
+    Padding with EOS (the notebook's choice) makes the collator mask every EOS, so the model never
+    learns to stop. We pad with an existing token that is not EOS; padding positions never carry a
+    label, so which token it is does not matter beyond that.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model.uri {uri}: cannot load the tokenizer: {exc}") from None
+    if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
+        raise InputError(f"model.uri {uri}: the tokenizer has no EOS token; set eos_token in "
+                         "tokenizer_config.json (the model must learn to stop)")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = pick_pad_token(tokenizer, uri)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def pick_pad_token(tokenizer, uri: str) -> str:
+    """unk, else another special token, else any token that is not EOS or BOS."""
+    avoid = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    candidates = [tokenizer.unk_token] + list(tokenizer.all_special_tokens)
+    candidates += [t for t in ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|endoftext|>")
+                   if t in tokenizer.get_vocab()]
+    for token in candidates:
+        if token is not None and tokenizer.convert_tokens_to_ids(token) not in avoid:
+            return token
+    vocab = tokenizer.get_vocab()
+    for token, index in sorted(vocab.items(), key=lambda kv: -kv[1]):
+        if index not in avoid:
+            log.warning("model %s: no spare special token; padding with %r (never trained on)", uri, token)
+            return token
+    raise InputError(f"model.uri {uri}: the tokenizer has no token usable for padding")
+
+
+def compute_dtype(name: str):
+    """bf16 where the GPU supports it, else fp16; fp32 on CPU (bf16 matmuls on CPU are very slow)."""
+    import torch
+
+    if name != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def attn_implementation(cfg: Config) -> str:
+    """Attention kernel for training and inference. sdpa honours packed position ids (transformers
+    builds a block-diagonal mask from them), so packed examples never attend to each other."""
+    return "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation

@@ -1,0 +1,221 @@
+"""Train stage: data/train.jsonl -> adapter/, with checkpoints in object storage and resume.
+
+setup (model, tokenizer, data) -> check the labels -> train (checkpoints uploaded as they are made)
+-> save the adapter. A rerun continues from checkpoints/LATEST; SIGTERM ends in a checkpoint and
+exit 75. The trainer is trl's SFTTrainer: loss on the completion only, packing without
+cross-example attention (padding-free, position ids), EOS at the end of every example, trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from job.config import Config
+from job.errors import InputError, Preempted
+from job.model import attn_implementation, compute_dtype, fetch_model, load_tokenizer
+from job.stages import storage_options
+from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
+from job.stages.labels import check_labels, tokenize_examples
+
+TRAIN_DATA = "data/train.jsonl"
+ADAPTER = "adapter"
+TENSORBOARD = "tensorboard"
+
+
+def run(cfg: Config, ctx) -> dict:
+    import torch
+
+    t_start = time.monotonic()
+    model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
+    tokenizer = load_tokenizer(model_dir, cfg.model.uri)
+    records = [json.loads(line) for line in ctx.store.read_text(TRAIN_DATA).splitlines() if line.strip()]
+    examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
+    ctx.log.info("train: %d examples tokenized, %d dropped as longer than train.max_seq_length=%d",
+                 len(examples.dataset), len(examples.dropped_rows), cfg.train.max_seq_length)
+
+    dtype = compute_dtype(cfg.train.compute_dtype)
+    resume = find_resume_checkpoint(ctx.store, ctx.fingerprint, ctx.work_dir / "resume", ctx.log)
+    settings = plan_batch(cfg, examples, model_dir)
+    if resume is not None and resume.settings and resume.settings != settings:
+        ctx.log.info("train: keeping the settings the run started with %s (this card would pick %s)",
+                     resume.settings, settings)
+        settings = resume.settings
+    ctx.log.info("train: %s, compute dtype %s, %s", "4-bit NF4 base (QLoRA)" if cfg.train.load_in_4bit
+                 else "16/32-bit base (LoRA)", str(dtype).removeprefix("torch."), settings)
+    model = load_base_model(cfg, model_dir, dtype)
+    trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
+    label_report = check_labels(trainer, tokenizer)
+    ctx.log.info("train: label check passed on %d examples (%d supervised tokens, EOS supervised in each)",
+                 label_report["examples"], label_report["supervised_tokens"])
+
+    sync = trainer.checkpoint_sync
+    if resume is not None:
+        sync.last_uploaded_step = resume.step
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t_train = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    train_seconds = time.monotonic() - t_train
+
+    if ctx.stop is not None and ctx.stop.is_set():
+        saved = sync.finish()
+        waited = time.monotonic() - ctx.stop.received_at
+        ctx.log.warning("train: stopped by SIGTERM at step %d; checkpoint uploaded %.1f s after the signal",
+                        trainer.state.global_step, waited)
+        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}: checkpoint "
+                        f"{saved} uploaded {waited:.1f} s after the signal; rerun to resume")
+
+    adapter_dir = ctx.work_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    sync.finish()
+    ctx.store.delete(ADAPTER)
+    ctx.store.upload_dir(adapter_dir, ADAPTER)
+    sync.upload_tensorboard()
+
+    state = trainer.state
+    losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
+    session_tokens = state.num_input_tokens_seen - (resume.tokens_seen if resume else 0)
+    metrics = {
+        "steps": state.global_step,
+        "resumed_from_step": resume.step if resume else None,
+        "examples": len(examples.dataset),
+        "dropped_too_long": len(examples.dropped_rows),
+        "dropped_rows_sample": examples.dropped_rows[:20],
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_s": round(session_tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "train_seconds": round(train_seconds, 1),
+        "stage_seconds": round(time.monotonic() - t_start, 1),
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "loss_curve": losses,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "load_in_4bit": cfg.train.load_in_4bit,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "settings": settings,
+        "label_check": label_report,
+        "checkpoints_uploaded": sync.uploaded_steps,
+    }
+    return metrics
+
+
+def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
+    """Micro-batch size, packing length and activation checkpointing: from config, or sized to the card.
+
+    Sizing rule (per token of a micro-batch, bf16): with activation checkpointing each layer keeps its
+    input (2*hidden bytes) plus one layer's activations are live; without it every layer keeps
+    roughly 16*hidden + 6*intermediate values; the logits add 8*vocab bytes (fp32 plus grad).
+    """
+    import torch
+
+    t = cfg.train
+    longest = max(len(ids) for ids in examples.dataset["input_ids"])
+    settings = {"packing": t.packing}
+    if not torch.cuda.is_available():
+        length = max(longest, min(t.max_seq_length, 512)) if t.packing else t.max_seq_length
+        settings.update(packing_length=t.packing_length if t.packing_length != "auto" else length,
+                        micro_batch_size=t.micro_batch_size if t.micro_batch_size != "auto" else 4,
+                        gradient_checkpointing=bool(t.gradient_checkpointing is True))
+        return settings
+
+    shape = json.loads((model_dir / "config.json").read_text())
+    hidden, layers = shape.get("hidden_size", 4096), shape.get("num_hidden_layers", 32)
+    inter, vocab = shape.get("intermediate_size", 4 * hidden), shape.get("vocab_size", 32000)
+    params = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
+    base_bytes = params * (0.55 if t.load_in_4bit else 2.0) + 2 * vocab * hidden
+    free, _total = torch.cuda.mem_get_info()
+    budget = 0.80 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
+    per_token = {True: 2 * (2 * hidden * layers + 16 * hidden + 6 * inter) + 8 * vocab,
+                 False: 2 * layers * (16 * hidden + 6 * inter) + 8 * vocab}
+    length = t.packing_length if t.packing_length != "auto" else max(2048, longest)
+    target_tokens = 32768  # bitsandbytes dequantizes each weight once per micro-batch: amortise it
+    if t.gradient_checkpointing == "auto":
+        checkpointing = per_token[False] * target_tokens > budget
+    else:
+        checkpointing = bool(t.gradient_checkpointing)
+    if t.micro_batch_size == "auto":
+        fit = int(max(budget, 0) // per_token[checkpointing])
+        micro = max(1, min(target_tokens, fit) // length)
+    else:
+        micro = t.micro_batch_size
+    settings.update(packing_length=length, micro_batch_size=micro, gradient_checkpointing=checkpointing,
+                    free_gpu_memory_gb=round(free / 2**30, 1))
+    return settings
+
+
+def load_base_model(cfg: Config, model_dir: Path, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(cfg)}
+    if cfg.train.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.train.quant_type,
+            bnb_4bit_use_double_quant=cfg.train.double_quant, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model.uri {cfg.model.uri}: cannot load the model: {exc}") from None
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    t = cfg.train
+    on_cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(ctx.work_dir / "checkpoints"),
+        per_device_train_batch_size=settings["micro_batch_size"],
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        optim=t.optimizer if t.optimizer != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
+        bf16=dtype == torch.bfloat16 and on_cuda,
+        fp16=dtype == torch.float16 and on_cuda,
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.checkpoint_every_steps > 0 else "no",
+        save_steps=t.checkpoint_every_steps if t.checkpoint_every_steps > 0 else 500,
+        save_total_limit=None,  # rotation happens after upload (CheckpointSync), never under an upload
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=["tensorboard"],
+        logging_dir=str(ctx.work_dir / TENSORBOARD),
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=t.dataloader_workers,
+        max_length=settings["packing_length"] if t.packing else t.max_seq_length,
+        packing=t.packing,
+        packing_strategy="bfd",
+        padding_free=t.packing,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        use_cpu=not on_cuda,
+        disable_tqdm=False,
+    )
+    peft_config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                             target_modules=t.target_modules, task_type="CAUSAL_LM", bias="none")
+    sync = CheckpointSync(ctx.store, ctx.fingerprint, keep=t.keep_checkpoints,
+                          every_minutes=t.checkpoint_every_minutes, background=t.background_upload,
+                          stop=ctx.stop, tensorboard_dir=ctx.work_dir / TENSORBOARD, log=ctx.log,
+                          settings=settings)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[sync])
+    trainer.checkpoint_sync = sync
+    return trainer

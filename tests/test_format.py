@@ -1,0 +1,117 @@
+"""The format stage through the real CLI, against a folder and against moto's S3 server."""
+
+import json
+
+import pytest
+
+from job.config import PromptConfig
+from job.prompts import RESPONSE_END, build_prompt
+from tests.helpers import (SNLI_SAMPLE, job_env, put_file, read_jsonl, read_run_file, run_file_exists,
+                           run_job)
+
+P = PromptConfig()
+
+
+def format_args(run_uri, data_uri, *extra):
+    return ["format", "--set", f"run_uri={run_uri}", "--set", f"data.uri={data_uri}",
+            "--set", "model.uri=/nonexistent-model", "--set", "data.eval_size=50", *extra]
+
+
+def test_format_real_snli_rows(store_root, tmp_path):
+    root, endpoint = store_root
+    csv = tmp_path / "snli.csv"
+    # The sample is genuine SNLI (quotes, apostrophes); SNLI has no non-ASCII text, so add one row.
+    csv.write_text(SNLI_SAMPLE.read_text(encoding="utf-8")
+                   + 'contradiction,"Zoë\'s café serves crème brûlée, ""naturally"".",Zoë owns no café.,,\n',
+                   encoding="utf-8")
+    data_uri = put_file(root, endpoint, csv, "snli.csv")
+    result = run_job(*format_args(root, data_uri), env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+
+    train = read_jsonl(read_run_file(root, endpoint, "data/train.jsonl"))
+    evaluation = read_jsonl(read_run_file(root, endpoint, "data/eval.jsonl"))
+    stats = json.loads(read_run_file(root, endpoint, "data/stats.json"))
+    assert len(evaluation) == 50
+    assert stats["train_rows"] == len(train) and stats["eval_rows"] == 50
+    assert stats["rows_read"] == 1241
+    assert stats["rows_kept"] + sum(stats["dropped"].values()) == stats["rows_read"]
+    assert stats["rows_kept"] == len(train) + 50
+    assert {r["row"] for r in train}.isdisjoint({r["row"] for r in evaluation})
+
+    for record in train + evaluation:
+        assert record["prompt"] == build_prompt(record["source"], P)
+        assert record["completion"].endswith(RESPONSE_END)
+        answer = json.loads(record["completion"][: -len(RESPONSE_END)])
+        assert answer == {"original_sentence": record["source"], "negation": record["target"]}
+    sources = {r["source"] for r in train + evaluation}
+    assert 'Zoë\'s café serves crème brûlée, "naturally".' in sources
+    assert any("'" in s for s in sources) and any('"' in s for s in sources)
+
+    marker = json.loads(read_run_file(root, endpoint, "_stages/format.json"))
+    assert marker["metrics"]["train_rows"] == len(train)
+
+    # Same settings again: skipped. Other settings: refused, naming the key; --force redoes it.
+    again = run_job(*format_args(root, data_uri), env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache"))
+    assert again.returncode == 0 and "done already" in again.stderr
+    plan = run_job("plan", *format_args(root, data_uri)[1:], "--set", "data.seed=7",
+                   env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache"))
+    assert plan.returncode == 0 and "format    stale" in plan.stdout and "data.seed: 42 -> 7" in plan.stdout
+    stale = run_job(*format_args(root, data_uri, "--set", "data.seed=7"),
+                    env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache"))
+    assert stale.returncode == 2 and "data.seed: 42 -> 7" in stale.stderr and "--force format" in stale.stderr
+    forced = run_job(*format_args(root, data_uri, "--set", "data.seed=7", "--force", "format"),
+                     env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache"))
+    assert forced.returncode == 0, forced.stderr
+    assert read_jsonl(read_run_file(root, endpoint, "data/eval.jsonl")) != evaluation
+
+
+HEADER = "gold_label,sentence1,sentence2,captionID,pairID\n"
+GOOD = "contradiction,A dog runs.,No dog runs.,,\n"
+
+BAD_CSVS = {
+    "empty": (b"", "the file is empty"),
+    "header_only": (HEADER.encode(), "has a header but no data rows"),
+    "missing_columns": (b"label,premise,hypothesis\ncontradiction,a,b\n",
+                        "missing column(s) gold_label, sentence1, sentence2; the file has label, premise, hypothesis"),
+    "not_utf8": ((HEADER + GOOD * 3).encode() + "contradiction,Caf\u00e9,x,,\n".encode("latin-1"),
+                 "line 5 (byte"),
+    "no_label_rows": ((HEADER + "neutral,a,b,,\nentailment,c,d,,\n").encode(),
+                      "no row has gold_label == 'contradiction'; values seen: 'neutral' (1), 'entailment' (1)"),
+    "ragged_long": ((HEADER + GOOD + "contradiction,a,b,c,d,e,f\n").encode(), "Expected 5 fields in line 3, saw 7"),
+    "ragged_short": ((HEADER + GOOD + "contradiction,only two\n").encode(), "row 2 has fewer fields than the header"),
+    "huge_field": ((HEADER + GOOD + 'contradiction,"' + "x" * 50_000_000 + '",y,,\n').encode(),
+                   "row 2, column sentence1: a field of 50,000,000 characters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CSVS))
+def test_bad_csv_exit_2_with_message_and_no_marker(case, tmp_path):
+    content, expected = BAD_CSVS[case]
+    csv = tmp_path / f"{case}.csv"
+    csv.write_bytes(content)
+    run = tmp_path / "run"
+    result = run_job(*format_args(run, csv), env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 2, result.stderr
+    assert str(csv) in result.stderr and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run / "_stages" / "format.json").exists()
+    assert not (run / "data" / "train.jsonl").exists()
+
+
+def test_missing_data_file_and_too_few_rows(tmp_path):
+    run = tmp_path / "run"
+    result = run_job(*format_args(run, tmp_path / "absent.csv"), env=job_env(JOB_CACHE_DIR=tmp_path / "c"))
+    assert result.returncode == 2 and "no such file" in result.stderr and "absent.csv" in result.stderr
+    csv = tmp_path / "small.csv"
+    csv.write_text(HEADER + GOOD * 3 + "contradiction,  ,blank source,,\n")
+    result = run_job(*format_args(run, csv), env=job_env(JOB_CACHE_DIR=tmp_path / "c"))
+    assert result.returncode == 2 and "only 1 usable rows, but data.eval_size is 50" in result.stderr
+
+
+def test_missing_s3_object_is_storage_error(s3_bucket, tmp_path):
+    endpoint, bucket = s3_bucket
+    result = run_job(*format_args(f"s3://{bucket}/run", f"s3://{bucket}/nope.csv"),
+                     env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "c"))
+    assert result.returncode == 3, result.stderr
+    assert f"s3://{bucket}/nope.csv" in result.stderr
+    assert not run_file_exists(f"s3://{bucket}/run", endpoint, "_stages/format.json")

@@ -1,0 +1,104 @@
+"""Pipeline skip / stale / force with fake stages, once on a folder and once on moto's S3 server."""
+
+import pytest
+
+from job.config import load_config
+from job.errors import ConfigError, StaleStageError
+from job.pipeline import Pipeline, Stage
+from job.storage import open_store
+
+
+def make_pipeline(root, endpoint, tmp_path, calls, *sets, fail_in=None):
+    cfg = load_config(None, ("run_uri=" + root, "data.uri=/d.csv", "model.uri=/m", *sets), environ={})
+
+    def stage(name, output):
+        def run(cfg, ctx):
+            calls.append(name)
+            if name == fail_in:
+                ctx.store.write_text(f"{output}/partial.txt", "half")
+                raise RuntimeError("boom")
+            ctx.store.write_text(f"{output}/result.txt", f"{name} from {sorted(ctx.upstream)}")
+            return {"n": len(calls)}
+        return run
+
+    stages = [Stage("format", stage("format", "data"), ("data", "prompt"), outputs=("data",)),
+              Stage("train", stage("train", "adapter"), ("model", "train"), needs=("format",),
+                    outputs=("adapter",)),
+              Stage("merge", stage("merge", "merged"), ("merge",), needs=("train",), outputs=("merged",),
+                    enabled=lambda c: c.merge.enabled, disabled_reason="merge.enabled: false")]
+    return Pipeline(stages, cfg, open_store(root, endpoint_url=endpoint), tmp_path / "work")
+
+
+def states(pipeline):
+    return {s.stage: s.state for s in pipeline.status()}
+
+
+def test_skip_stale_force(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    p = make_pipeline(root, endpoint, tmp_path, calls)
+    assert states(p) == {"format": "pending", "train": "pending", "merge": "pending"}
+    p.run()
+    assert calls == ["format", "train", "merge"]
+    assert states(p) == {"format": "done", "train": "done", "merge": "done"}
+    assert p.store.read_text("merged/result.txt") == "merge from ['train']"
+    marker = p.marker("train")
+    assert marker["metrics"] == {"n": 2} and marker["upstream"]["format"] == p.marker("format")["fingerprint"]
+
+    calls.clear()
+    make_pipeline(root, endpoint, tmp_path, calls).run()
+    assert calls == []  # everything done: skipped
+
+    # Changing a train key makes train and everything after it stale, format stays done.
+    p2 = make_pipeline(root, endpoint, tmp_path, calls, "train.lora_r=8")
+    status = {s.stage: s for s in p2.status()}
+    assert status["format"].state == "done"
+    assert status["train"].state == "stale" and "train.lora_r: 64 -> 8" in status["train"].reason
+    assert status["merge"].state == "stale" and "stage train changed" in status["merge"].reason
+    with pytest.raises(StaleStageError, match=r"train.lora_r: 64 -> 8.*--force train"):
+        p2.run()
+    assert calls == []
+    p2.run(force="train")
+    assert calls == ["train", "merge"]
+    assert states(p2) == {"format": "done", "train": "done", "merge": "done"}
+
+
+def test_force_invalidates_later_stages_even_when_not_selected(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    make_pipeline(root, endpoint, tmp_path, calls).run()
+    calls.clear()
+    p = make_pipeline(root, endpoint, tmp_path, calls)
+    p.run(["format"], force="format")
+    assert calls == ["format"]
+    assert states(p) == {"format": "done", "train": "pending", "merge": "pending"}
+    assert not p.store.exists("adapter/result.txt")
+
+
+def test_failed_stage_writes_no_marker_and_partial_results_are_guarded(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    with pytest.raises(RuntimeError):
+        make_pipeline(root, endpoint, tmp_path, calls, fail_in="train").run()
+    p = make_pipeline(root, endpoint, tmp_path, calls)
+    assert p.marker("train") is None and p.marker("format") is not None
+    status = {s.stage: s for s in p.status()}
+    assert status["train"].state == "pending" and "partial results" in status["train"].reason
+    # The partial results were made with lora_r=64: a rerun with other settings must not reuse them.
+    p_other = make_pipeline(root, endpoint, tmp_path, calls, "train.lora_r=4")
+    with pytest.raises(StaleStageError, match="partial results were made with other settings"):
+        p_other.run()
+    p_other.run(force="train")
+    assert not p_other.store.exists("adapter/partial.txt")
+    assert p_other.store.exists("adapter/result.txt")
+
+
+def test_disabled_stage_and_missing_upstream(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    p = make_pipeline(root, endpoint, tmp_path, calls, "merge.enabled=false")
+    assert states(p)["merge"] == "disabled"
+    with pytest.raises(ConfigError, match="stage train needs the results of format"):
+        p.run(["train"])
+    p.run()
+    assert calls == ["format", "train"]
