@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# The image's entry point: one image for Kubernetes, SageMaker, RunPod and `docker run`.
+#
+#   IMAGE [job] ARGS...   ->  exec job ARGS...      (Kubernetes, RunPod, docker run; no args: `job run`)
+#   IMAGE train [ARGS...] ->  SageMaker training:   job run ARGS... with SageMaker's conventions, then
+#                                                   the artifacts are copied to /opt/ml/model
+#   IMAGE serve           ->  exit 2: this image trains; it does not serve endpoints
+#
+# Exit codes are the job's own (0, 1, 2, 3, and 75 after a preemption checkpoint), unchanged.
+# Paths can be moved for tests: SM_ROOT (default /opt/ml), RUNPOD_WORKSPACE (default /workspace).
+# Variables named JOB_* are the job's configuration (every one of them is parsed as a config key),
+# so this script only ever sets the ones the job knows.
+set -euo pipefail
+
+SM_ROOT="${SM_ROOT:-/opt/ml}"
+RUNPOD_WORKSPACE="${RUNPOD_WORKSPACE:-/workspace}"
+# SageMaker shows the first 1024 characters of the failure file as the job's FailureReason.
+FAILURE_LIMIT=1024
+
+log() { printf 'entrypoint: %s\n' "$*" >&2; }
+
+# RunPod (and any host that mounts a persistent /workspace volume): keep the model download and the
+# Hugging Face cache there, so a restarted pod does not download the base model again. Only when
+# the user chose no cache location, and only when the folder is writable by this (non-root) user.
+use_workspace_cache() {
+    if [[ -d $RUNPOD_WORKSPACE && -w $RUNPOD_WORKSPACE && -z ${HF_HOME:-} && -z ${JOB_CACHE_DIR:-} \
+          && -z ${JOB_MODEL__CACHE_DIR:-} ]]; then
+        # JOB_CACHE_DIR rather than model.cache_dir: where a download is cached must not be part of
+        # the run's configuration (nor of any stage fingerprint).
+        export JOB_CACHE_DIR="$RUNPOD_WORKSPACE/.cache/qlora-job"
+        export HF_HOME="$RUNPOD_WORKSPACE/.cache/huggingface"
+        log "caching downloads under $RUNPOD_WORKSPACE/.cache"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# SageMaker. Configuration reaches the job through ONE mechanism per source, in the job's own
+# precedence (DESIGN.md): hyperparameters.json is read by the job itself as a config layer (keys are
+# dotted, e.g. "train.learning_rate"; values are the strings SageMaker writes), and the estimator's
+# `environment` sets JOB_* variables. This script adds only SageMaker's locations, as defaults that a
+# hyperparameter or a JOB_* variable overrides: the `data` channel (data.uri), the `model` channel
+# (model.uri), the checkpoint folder (run_uri), and a `config` channel (--config FILE). Because
+# they are passed as JOB_* variables, they do override the same keys in a config-channel file.
+
+hp_file() { printf '%s/input/config/hyperparameters.json' "$SM_ROOT"; }
+
+# Print the value of hyperparameter $1 and succeed, or fail when it is not set.
+hyperparameter() {
+    local file
+    file="$(hp_file)"
+    [[ -f $file ]] || return 1
+    python3 - "$file" "$1" <<'PY'
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    params = json.load(f)
+if sys.argv[2] not in params:
+    sys.exit(1)
+value = params[sys.argv[2]]
+print(value if isinstance(value, str) else json.dumps(value))
+PY
+}
+
+# Set JOB_<NAME>=$2 for the dotted key $1 unless a hyperparameter or the environment already sets it.
+default_key() {
+    local key="$1" value="$2" var
+    var="JOB_$(tr '[:lower:]' '[:upper:]' <<<"${key/./__}")"
+    if [[ -n ${!var:-} ]]; then
+        log "$key from \$$var"
+    elif hyperparameter "$key" >/dev/null; then
+        log "$key from hyperparameters.json"
+    else
+        export "$var=$value"
+        log "$key=$value (SageMaker default)"
+    fi
+}
+
+# The one file in channel folder $1 whose name matches one of the globs that follow.
+single_file() {
+    local dir="$1" matches=()
+    shift
+    local pattern
+    shopt -s nullglob
+    # shellcheck disable=SC2206  # the pattern is meant to glob (nullglob: no match, no word)
+    for pattern in "$@"; do matches+=("$dir"/$pattern); done
+    shopt -u nullglob
+    if ((${#matches[@]} != 1)); then
+        printf 'channel %s: expected exactly one %s file, found %d\n' "$dir" "$*" "${#matches[@]}" >&2
+        return 1
+    fi
+    printf '%s\n' "${matches[0]}"
+}
+
+# The model channel folder, or its single subfolder when the S3 prefix held one model folder.
+model_folder() {
+    local dir="$1" subdirs=()
+    if [[ ! -e $dir/config.json ]]; then
+        shopt -s nullglob
+        subdirs=("$dir"/*/config.json)
+        shopt -u nullglob
+        if ((${#subdirs[@]} == 1)); then dir="$(dirname "${subdirs[0]}")"; fi
+    fi
+    printf '%s\n' "$dir"
+}
+
+# Write the failure reason where SageMaker reads it: the exit code and the tail of stderr, cut to
+# whole lines so that the most useful part (the error itself) fits in FAILURE_LIMIT characters.
+write_failure() {
+    local rc="$1" stderr_file="$2" failure="$SM_ROOT/output/failure" header body
+    mkdir -p "$SM_ROOT/output" 2>/dev/null || true
+    header="job run exited with code $rc"
+    case "$rc" in
+        2) header+=" (bad configuration or input)" ;;
+        3) header+=" (storage or access failure)" ;;
+        75) header+=" (stopped by SIGTERM after a checkpoint; safe to restart)" ;;
+    esac
+    local budget=$((FAILURE_LIMIT - ${#header} - 2))
+    body="$(tail -c "$budget" "$stderr_file" 2>/dev/null || true)"
+    # When the tail was cut, its first line is probably partial: drop it unless it is the only one.
+    if (($(wc -c <"$stderr_file") > budget)) && [[ $body == *$'\n'* ]]; then body="${body#*$'\n'}"; fi
+    if ! printf '%s\n%s\n' "$header" "$body" >"$failure" 2>/dev/null; then
+        log "cannot write $failure"
+    fi
+}
+
+# Copy the run's final artifacts into $SM_ROOT/model, which SageMaker uploads as model.tar.gz.
+# Hard links where possible: the merged model can be tens of GB and already sits in the run folder.
+export_artifacts() {
+    local run_uri="$1" name
+    if [[ $run_uri == *://* && $run_uri != file://* ]]; then
+        log "run_uri is $run_uri: the adapter, merged model and report stay there (not copied to $SM_ROOT/model)"
+        return 0
+    fi
+    run_uri="${run_uri#file://}"
+    mkdir -p "$SM_ROOT/model"
+    for name in adapter merged report; do
+        if [[ ! -d $run_uri/$name ]]; then
+            log "no $run_uri/$name to export (stage not run?)"
+            continue
+        fi
+        rm -rf "${SM_ROOT:?}/model/$name"
+        if ! cp -R -l "$run_uri/$name" "$SM_ROOT/model/$name" 2>/dev/null; then
+            rm -rf "${SM_ROOT:?}/model/$name"
+            cp -R "$run_uri/$name" "$SM_ROOT/model/$name"
+        fi
+        log "exported $name to $SM_ROOT/model/$name"
+    done
+}
+
+sagemaker_train() {
+    local args=() channel dir file run_uri rc stderr_file
+
+    # The job reads hyperparameters.json itself; point it at SM_ROOT's copy (the same file in
+    # production, a temporary tree in tests).
+    export JOB_SAGEMAKER_HYPERPARAMETERS="${JOB_SAGEMAKER_HYPERPARAMETERS:-$(hp_file)}"
+
+    stderr_file="$(mktemp "${TMPDIR:-/tmp}/job-stderr.XXXXXX")"
+    # shellcheck disable=SC2064  # expand now: the path is fixed
+    trap "rm -f '$stderr_file'" EXIT
+
+    channel="$SM_ROOT/input/data"
+    if [[ -d $channel/config ]]; then
+        if ! file="$(single_file "$channel/config" '*.yaml' '*.yml' 2>"$stderr_file")"; then
+            cat "$stderr_file" >&2
+            write_failure 2 "$stderr_file"
+            return 2
+        fi
+        args+=(--config "$file")
+    fi
+    if [[ -d $channel/data ]]; then
+        if ! file="$(single_file "$channel/data" '*.csv' 2>"$stderr_file")"; then
+            cat "$stderr_file" >&2
+            write_failure 2 "$stderr_file"
+            return 2
+        fi
+        default_key data.uri "$file"
+    fi
+    if [[ -d $channel/model ]]; then
+        default_key model.uri "$(model_folder "$channel/model")"
+    fi
+    # SageMaker syncs /opt/ml/checkpoints with checkpoint_s3_uri (managed spot): a restarted job
+    # finds the run there, with its stage markers and the last uploaded training checkpoint.
+    default_key run_uri "$SM_ROOT/checkpoints/run"
+    if [[ -n ${JOB_RUN_URI:-} ]]; then
+        run_uri="$JOB_RUN_URI"
+    else
+        run_uri="$(hyperparameter run_uri)"
+    fi
+
+    for dir in "$SM_ROOT/model" "$SM_ROOT/output"; do
+        if ! mkdir -p "$dir" 2>/dev/null || [[ ! -w $dir ]]; then
+            log "$dir is not writable by uid $(id -u): the job's artifacts and failure reason cannot be saved there"
+        fi
+    done
+
+    # Not `exec`: the artifacts are copied after the job ends, so this shell stays as the parent.
+    # It forwards SIGTERM/SIGINT (spot interruption, StopTrainingJob) to the job, which saves and
+    # uploads a checkpoint and exits 75, and then waits for the job's real exit code: `wait` returns
+    # early (128+signal) when a trap runs, so it is called again until the child has really ended.
+    # stderr goes through tee, so it reaches CloudWatch as it happens and the failure file later.
+    exec 3> >(tee -a "$stderr_file" >&2)
+    local tee_pid=$! signalled=0 child
+    job run "${args[@]}" "$@" 2>&3 &
+    child=$!
+    trap 'signalled=1; kill -TERM "$child" 2>/dev/null || true' TERM
+    trap 'signalled=1; kill -INT "$child" 2>/dev/null || true' INT
+    while true; do
+        signalled=0
+        rc=0
+        wait "$child" || rc=$?
+        if ((signalled)); then continue; fi
+        break
+    done
+    trap - TERM INT
+    exec 3>&-
+    wait "$tee_pid" 2>/dev/null || true
+
+    if ((rc == 0)); then
+        export_artifacts "$run_uri"
+    else
+        write_failure "$rc" "$stderr_file"
+    fi
+    return "$rc"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+use_workspace_cache
+
+case "${1:-}" in
+    train)
+        shift
+        rc=0
+        sagemaker_train "$@" || rc=$?
+        exit "$rc"
+        ;;
+    serve)
+        log "serve: this image runs training jobs only; use \`job predict\` or a serving image for inference"
+        exit 2
+        ;;
+    job)
+        shift
+        exec job "$@"
+        ;;
+    "")
+        exec job run
+        ;;
+    *)
+        # exec: the job becomes the container's main process (under tini) and gets SIGTERM itself.
+        exec job "$@"
+        ;;
+esac
