@@ -54,11 +54,12 @@ def read_run_file(root_uri: str, endpoint_url, rel: str) -> str:
 
 
 def run_file_exists(root_uri: str, endpoint_url, rel: str) -> bool:
-    try:
-        read_run_file(root_uri, endpoint_url, rel)
-        return True
-    except Exception:  # noqa: BLE001 - any failure to read means "not there" for these checks
-        return False
+    if root_uri.startswith("s3://"):
+        bucket, _, prefix = root_uri[5:].partition("/")
+        key = f"{prefix.rstrip('/')}/{rel}" if prefix else rel
+        found = s3_client(endpoint_url).list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
+        return any(obj["Key"] == key for obj in found)
+    return (Path(root_uri) / rel).is_file()
 
 
 def read_jsonl(text: str) -> list[dict]:

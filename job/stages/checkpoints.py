@@ -132,8 +132,15 @@ class CheckpointSync(TrainerCallback):
                 shutil.rmtree(local, ignore_errors=True)
 
     def upload_tensorboard(self) -> None:
-        if self.tensorboard_dir.is_dir() and any(self.tensorboard_dir.rglob("*")):
-            self.store.upload_dir(self.tensorboard_dir, TENSORBOARD)
+        """Upload a snapshot: the event files keep growing while the writer runs, and an upload
+        must not see a file change size under it. Event files are append-only, so any prefix is valid."""
+        if not (self.tensorboard_dir.is_dir() and any(self.tensorboard_dir.rglob("*"))):
+            return
+        snapshot = self.tensorboard_dir.with_name(self.tensorboard_dir.name + ".snapshot")
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(self.tensorboard_dir, snapshot)
+        self.store.upload_dir(snapshot, TENSORBOARD)
+        shutil.rmtree(snapshot, ignore_errors=True)
 
     def _raise_failed_uploads(self) -> None:
         done = [f for f in self.pending if f.done()]

@@ -169,6 +169,8 @@ def load_base_model(cfg: Config, model_dir: Path, dtype):
 def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     import torch
     from peft import LoraConfig
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
     t = cfg.train
@@ -196,8 +198,7 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
         save_total_limit=None,  # rotation happens after upload (CheckpointSync), never under an upload
         seed=t.seed,
         data_seed=t.seed,
-        report_to=["tensorboard"],
-        logging_dir=str(ctx.work_dir / TENSORBOARD),
+        report_to="none",  # TensorBoard is added below with an explicit folder (works across versions)
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_workers,
         max_length=settings["packing_length"] if t.packing else t.max_seq_length,
@@ -215,7 +216,8 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
                           every_minutes=t.checkpoint_every_minutes, background=t.background_upload,
                           stop=ctx.stop, tensorboard_dir=ctx.work_dir / TENSORBOARD, log=ctx.log,
                           settings=settings)
+    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / TENSORBOARD)))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[sync])
+                         peft_config=peft_config, callbacks=[sync, tensorboard])
     trainer.checkpoint_sync = sync
     return trainer
