@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
+import botocore.client
 import botocore.config
 import botocore.exceptions
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
@@ -31,6 +33,7 @@ from job.errors import InputError, StorageError
 # Temp files of interrupted local writes end like this; `list` skips them, as S3 hides unfinished uploads.
 TEMP_SUFFIX = ".incomplete"
 MIB = 1024 * 1024
+T = TypeVar("T")
 
 
 def is_s3(uri: str) -> bool:
@@ -233,8 +236,8 @@ ACCESS_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "Signa
 
 
 class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str, client, transfer: TransferConfig, max_attempts: int,
-                 max_concurrency: int) -> None:
+    def __init__(self, bucket: str, prefix: str, client: botocore.client.BaseClient, transfer: TransferConfig,
+                 max_attempts: int, max_concurrency: int) -> None:
         super().__init__(max_concurrency)
         self.bucket, self.prefix, self.client = bucket, _clean(prefix), client
         self.transfer, self.max_attempts = transfer, max_attempts
@@ -338,7 +341,7 @@ class S3Store(Store):
         self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=self.transfer)
         verify_download(tmp, head, self.uri_of(rel))
 
-    def _retry_transfer(self, rel: str, fn: Callable[[], object]):
+    def _retry_transfer(self, rel: str, fn: Callable[[], T]) -> T:
         """Retry what botocore's retries do not cover: a body that arrived truncated or corrupted."""
         for attempt in range(1, self.max_attempts + 1):
             try:
