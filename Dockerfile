@@ -25,6 +25,12 @@ FROM ${BASE_IMAGE} AS builder
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_VERSION=2.11.0
 
+# pip settings for builds behind a package mirror or a TLS-inspecting proxy; unset: pip's defaults.
+# They exist in this stage only: nothing of them reaches the runtime image.
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
