@@ -396,8 +396,12 @@ def verify_download(path: Path, head: dict, uri: str) -> None:
 
 
 def open_store(uri: str, *, endpoint_url: str | None = None, max_attempts: int = 10,
-               max_concurrency: int = 8, multipart_chunk_mb: int = 64) -> Store:
-    """A store rooted at `uri`: a local folder (path or file://...) or s3://bucket/prefix."""
+               max_concurrency: int = 8, multipart_chunk_mb: int = 64, access_key_id: str | None = None,
+               secret_access_key: str | None = None, session_token: str | None = None) -> Store:
+    """A store rooted at `uri`: a local folder (path or file://...) or s3://bucket/prefix.
+
+    Credentials come from boto3's usual chain (environment, profile, IRSA, instance role) unless
+    given here (the config's storage.access_key_id etc., for S3-compatible stores without roles)."""
     if not is_s3(uri):
         return LocalStore(uri.removeprefix("file://"), max_concurrency)
     bucket, _, prefix = uri[len("s3://"):].partition("/")
@@ -412,7 +416,10 @@ def open_store(uri: str, *, endpoint_url: str | None = None, max_attempts: int =
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
     # A session per store: boto3's default session is a shared global and not thread-safe.
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+    session = boto3.session.Session(aws_access_key_id=access_key_id or None,
+                                    aws_secret_access_key=secret_access_key or None,
+                                    aws_session_token=session_token or None)
+    client = session.client("s3", endpoint_url=endpoint_url or None, config=config)
     chunk = multipart_chunk_mb * MIB
     transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
                               max_concurrency=max_concurrency, use_threads=True)

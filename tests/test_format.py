@@ -77,8 +77,8 @@ BAD_CSVS = {
                  "line 5 (byte"),
     "no_label_rows": ((HEADER + "neutral,a,b,,\nentailment,c,d,,\n").encode(),
                       "no row has gold_label == 'contradiction'; values seen: 'neutral' (1), 'entailment' (1)"),
-    "ragged_long": ((HEADER + GOOD + "contradiction,a,b,c,d,e,f\n").encode(), "Expected 5 fields in line 3, saw 7"),
-    "ragged_short": ((HEADER + GOOD + "contradiction,only two\n").encode(), "row 2 has fewer fields than the header"),
+    "ragged_long": ((HEADER + GOOD + "contradiction,a,b,c,d,e,f\n").encode(), "line 3 has more fields than the header (7 instead of 5)"),
+    "ragged_short": ((HEADER + GOOD + "contradiction,only two\n").encode(), "line 3 has fewer fields than the header (2 instead of 5)"),
     "huge_field": ((HEADER + GOOD + 'contradiction,"' + "x" * 50_000_000 + '",y,,\n').encode(),
                    "row 2, column sentence1: a field of 50,000,000 characters"),
 }
@@ -104,7 +104,7 @@ def test_missing_data_file_and_too_few_rows(tmp_path):
     assert result.returncode == 2 and "no such file" in result.stderr and "absent.csv" in result.stderr
     csv = tmp_path / "small.csv"
     csv.write_text(HEADER + GOOD * 3 + "contradiction,  ,blank source,,\n")
-    result = run_job(*format_args(run, csv), env=job_env(JOB_CACHE_DIR=tmp_path / "c"))
+    result = run_job(*format_args(tmp_path / "run2", csv), env=job_env(JOB_CACHE_DIR=tmp_path / "c"))
     assert result.returncode == 2 and "only 1 usable rows, but data.eval_size is 50" in result.stderr
 
 

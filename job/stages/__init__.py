@@ -13,7 +13,9 @@ def storage_options(cfg: Config) -> dict:
     """Keyword arguments for `job.storage.open_store` from the storage section."""
     s = cfg.storage
     return {"endpoint_url": s.endpoint_url or None, "max_attempts": s.max_attempts,
-            "max_concurrency": s.max_concurrency, "multipart_chunk_mb": s.multipart_chunk_mb}
+            "max_concurrency": s.max_concurrency, "multipart_chunk_mb": s.multipart_chunk_mb,
+            "access_key_id": s.access_key_id or None, "secret_access_key": s.secret_access_key or None,
+            "session_token": s.session_token or None}
 
 
 # How often to log or checkpoint changes nothing in the adapter: changing them keeps a run resumable.

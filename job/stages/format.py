@@ -1,17 +1,22 @@
 """Format stage: CSV rows -> prompt/completion records in data/train.jsonl and data/eval.jsonl.
 
-Vectorised with pandas (the notebook's row-wise `apply` took about 42 s on the full SNLI train
+Vectorised with pyarrow and pandas (the notebook's row-wise `apply` took about 42 s on the full SNLI train
 split; see docs/benchmarks.md). Every way a CSV can be wrong ends in an InputError that names the
 file and the row, line or column, and nothing is written before the data is known to be good.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from job.config import Config
 from job.errors import InputError
@@ -57,39 +62,56 @@ def fetch_csv(cfg: Config, work_dir: Path) -> Path:
 
 
 def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
-    """Read every column as text; fail with the file and line for anything malformed."""
+    """Read the needed columns as text with pyarrow's strict, multi-threaded parser; fail with the
+    file and the row, line or column for anything malformed (pandas' C parser silently fills short
+    rows with empty strings, which would hide a broken file)."""
     raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):  # spreadsheet tools write one
+        raw = raw[len(codecs.BOM_UTF8):]
     if not raw.strip():
         raise InputError(f"{name}: the file is empty; expected a CSV with a header row and data rows")
     try:
-        text = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark spreadsheet tools write
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise InputError(f"{name}: line {line} (byte {exc.start}) is not valid UTF-8 "
                          f"({raw[exc.start:exc.start + 4]!r}); re-save the file as UTF-8") from None
-    try:
-        # keep_default_na=False keeps "" and "NA" as text; a missing field (short row) becomes NaN.
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="c")
-    except pd.errors.ParserError as exc:
-        raise InputError(f"{name}: malformed CSV: {exc} (a row with more fields than the header, "
-                         "or an unbalanced quote)") from None
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{name}: the file has no header row") from None
 
-    missing = [c for c in columns if c not in frame.columns]
+    header = next(csv.reader([text.split("\n", 1)[0].rstrip("\r")]))
+    missing = [c for c in columns if c not in header]
     if missing:
         raise InputError(f"{name}: missing column(s) {', '.join(missing)}; the file has "
-                         f"{', '.join(map(str, frame.columns))}. Set data.label_column / data.source_column "
+                         f"{', '.join(header)}. Set data.label_column / data.source_column "
                          "/ data.target_column to the right names")
-    if frame.empty:
+
+    bad_rows = []
+    table = None
+    for block_size in (16 << 20, len(raw) + 1):  # a field over 16 MB needs one block for the whole file
+        bad_rows.clear()
+        try:
+            table = pacsv.read_csv(
+                io.BytesIO(raw),
+                read_options=pacsv.ReadOptions(block_size=block_size),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True,
+                                                 invalid_row_handler=lambda row: bad_rows.append(row) or "skip"),
+                convert_options=pacsv.ConvertOptions(include_columns=columns,
+                                                     column_types={c: pa.string() for c in columns},
+                                                     strings_can_be_null=False, quoted_strings_can_be_null=False))
+            break
+        except pa.ArrowInvalid as exc:
+            if "straddling" in str(exc) and block_size != len(raw) + 1:
+                continue
+            raise InputError(f"{name}: malformed CSV: {exc}") from None
+    if bad_rows:
+        row = bad_rows[0]
+        line = text.count("\n", 0, text.find(row.text)) + 1 if row.text and row.text in text else "?"
+        kind = "fewer" if row.actual_columns < row.expected_columns else "more"
+        raise InputError(f"{name}: line {line} has {kind} fields than the header ({row.actual_columns} instead of "
+                         f"{row.expected_columns}): {row.text[:80]!r}; {len(bad_rows)} such row(s)")
+    if table.num_rows == 0:
         raise InputError(f"{name}: has a header but no data rows")
-    frame = frame[columns]
-    short = frame.isna().any(axis=1)
-    if short.any():
-        row = int(short.to_numpy().argmax()) + 1
-        raise InputError(f"{name}: row {row} has fewer fields than the header "
-                         f"({int(short.sum())} such rows); every row needs {len(columns)} columns or more")
-    lengths = pd.concat([frame[c].str.len() for c in columns], axis=1).to_numpy()
+    frame = table.to_pandas()[columns]
+    lengths = np.stack([frame[c].str.len().to_numpy() for c in columns], axis=1)
     if lengths.max() > MAX_FIELD_CHARS:
         row, col = divmod(int(lengths.argmax()), len(columns))
         raise InputError(f"{name}: row {row + 1}, column {columns[col]}: a field of {int(lengths.max()):,} "

@@ -79,11 +79,11 @@ def check_labels(trainer, tokenizer, n_examples: int = 64) -> dict:
         where = supervised.nonzero().flatten()
         if where.numel() == 0:
             raise LabelCheckError(f"example {i}: no supervised token (completion masked or cut off)")
+        if int(ids[-1]) != eos or int(lab[-1]) != eos:
+            raise LabelCheckError(f"example {i}: does not end with a supervised EOS (truncated, or EOS masked)")
         first = int(where[0])
         if not bool(supervised[first:].all()):
             raise LabelCheckError(f"example {i}: supervised tokens are not one contiguous completion")
-        if int(ids[-1]) != eos or int(lab[-1]) != eos:
-            raise LabelCheckError(f"example {i}: does not end with a supervised EOS (truncated, or EOS masked)")
         if not torch.equal(lab[supervised], ids[supervised]):
             raise LabelCheckError(f"example {i}: labels differ from the tokens they supervise")
         prompt_text = tokenizer.decode(ids[:first])
