@@ -53,7 +53,8 @@ def snli_texts(csv_path: Path | None, limit: int = 4000) -> list[str]:
 
 def make_model(out_dir: Path, csv_path: Path | None = None, hidden: int = 64, layers: int = 2,
                heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab_size: int = 1024,
-               seed: int = 0, dtype: str = "float32", device: str = "cpu", tokenizer_dir: Path | None = None) -> Path:
+               seed: int = 0, dtype: str = "float32", device: str = "cpu", tokenizer_dir: Path | None = None,
+               model_vocab: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -64,7 +65,9 @@ def make_model(out_dir: Path, csv_path: Path | None = None, hidden: int = 64, la
     else:
         tokenizer = train_tokenizer(snli_texts(csv_path), vocab_size)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+    # model_vocab > len(tokenizer) gives a real model's embedding and logit sizes (32000 for Llama-2)
+    # to benchmark with, while the small tokenizer only ever produces ids below its own size.
+    config = LlamaConfig(vocab_size=max(len(tokenizer), model_vocab), hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
                          max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -88,11 +91,12 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=128)
+    parser.add_argument("--model-vocab", type=int, default=0, help="embedding rows (e.g. 32000 for the Llama-2 shape)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     make_model(args.out_dir, args.csv, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
-               dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer)
+               dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer, model_vocab=args.model_vocab)
     print(args.out_dir)
 
 

@@ -46,6 +46,10 @@ def run(cfg: Config, ctx) -> dict:
     ctx.log.info("train: %s, compute dtype %s, %s", "4-bit NF4 base (QLoRA)" if cfg.train.load_in_4bit
                  else "16/32-bit base (LoRA)", str(dtype).removeprefix("torch."), settings)
     model = load_base_model(cfg, model_dir, dtype)
+    quantized = count_4bit_layers(model)
+    ctx.log.info("train: base model loaded: %d 4-bit (bitsandbytes Linear4bit) layers, %.2f GiB%s", quantized,
+                 model.get_memory_footprint() / 2**30,
+                 f" on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else " on CPU")
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
     label_report = check_labels(trainer, tokenizer)
     ctx.log.info("train: label check passed on %d examples (%d supervised tokens, EOS supervised in each)",
@@ -94,6 +98,8 @@ def run(cfg: Config, ctx) -> dict:
         "loss_curve": losses,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "load_in_4bit": cfg.train.load_in_4bit,
+        "quantized_linear_layers": quantized,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "compute_dtype": str(dtype).removeprefix("torch."),
         "settings": settings,
         "label_check": label_report,
@@ -146,6 +152,14 @@ def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
     return settings
 
 
+def count_4bit_layers(model) -> int:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
 def load_base_model(cfg: Config, model_dir: Path, dtype):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -169,7 +183,6 @@ def load_base_model(cfg: Config, model_dir: Path, dtype):
 def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     import torch
     from peft import LoraConfig
-    from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -216,8 +229,14 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
                           every_minutes=t.checkpoint_every_minutes, background=t.background_upload,
                           stop=ctx.stop, tensorboard_dir=ctx.work_dir / TENSORBOARD, log=ctx.log,
                           settings=settings)
-    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / TENSORBOARD)))
+    callbacks = [sync]
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / TENSORBOARD))))
+    except ImportError:  # tensorboard is a declared dependency; a hand-made environment may lack it
+        ctx.log.warning("train: tensorboard is not installed; no event files (the loss curve is in the marker)")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[sync, tensorboard])
+                         peft_config=peft_config, callbacks=callbacks)
     trainer.checkpoint_sync = sync
     return trainer
