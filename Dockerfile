@@ -14,6 +14,7 @@
 # No HEALTHCHECK on purpose: this is a batch job, not a service. It is "healthy" while it runs and
 # reports through its exit code (0, 1, 2, 3, 75); a health probe could only kill a long step.
 #checkov:skip=CKV_DOCKER_2:Batch job, not a service: health is the exit code; a HEALTHCHECK could only kill a long training step.
+#checkov:skip=CKV_DOCKER_7:FROM uses the BASE_IMAGE build argument, whose default is a pinned tag (nvidia/cuda:12.8.1-base-ubuntu24.04); checkov does not resolve build arguments.
 
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 

@@ -1,0 +1,245 @@
+"""The deployment files say what the issue asks of them: the rendered Kubernetes manifests, the
+Dockerfile, and the Terraform module. Offline and fast; .ci/lint runs the linters and checkov too.
+
+Rendering uses kubectl when it is installed, else scripts/render_k8s.py's own renderer; the
+Terraform checks need python-hcl2 (installed by .ci/lint) and are skipped without it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import render_k8s  # noqa: E402
+
+OVERLAYS = ["base", "overlays/minio"]
+
+
+def render(name: str) -> dict:
+    text = (render_k8s.render_with_kubectl if shutil.which("kubectl") else render_k8s.render_in_python)(
+        ROOT / "k8s" / name)
+    return {(d["kind"], d["metadata"]["name"].rsplit("-", 1)[0] if d["kind"] == "ConfigMap" else d["metadata"]["name"]): d
+            for d in yaml.safe_load_all(text) if d}
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request):
+    return request.param, render(request.param)
+
+
+def job_of(docs):
+    return docs[("Job", "qlora-job")]
+
+
+# -- Kubernetes ----------------------------------------------------------------------------------
+
+
+def test_pod_failure_policy(rendered):
+    _, docs = rendered
+    spec = job_of(docs)["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    assert spec["backoffLimit"] >= 1
+    rules = spec["podFailurePolicy"]["rules"]
+    by_action = {}
+    for rule in rules:
+        by_action.setdefault(rule["action"], []).append(rule)
+    assert [r["onExitCodes"]["values"] for r in by_action["FailJob"]] == [[2]]
+    ignored = by_action["Ignore"]
+    assert [75] in [r["onExitCodes"]["values"] for r in ignored if "onExitCodes" in r]
+    assert {"type": "DisruptionTarget", "status": "True"} in [c for r in ignored for c in r.get("onPodConditions", [])]
+    assert all(r["onExitCodes"]["containerName"] == "job" for r in rules if "onExitCodes" in r)
+
+
+def test_single_gpu_and_scheduling(rendered):
+    _, docs = rendered
+    pod = job_of(docs)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # Long enough to finish a step and upload a checkpoint after SIGTERM.
+    assert pod["terminationGracePeriodSeconds"] >= 300
+
+
+def test_security_context_and_writable_volumes(rendered):
+    _, docs = rendered
+    pod = job_of(docs)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and sc["privileged"] is False
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # Everything the job writes with a read-only root: HOME (caches), /tmp, scratch, /dev/shm.
+    for path in ("/home/job", "/tmp", "/scratch", "/dev/shm"):
+        assert "emptyDir" in volumes[mounts[path]], path
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_config_map_is_mounted_and_is_a_valid_job_config(rendered, tmp_path):
+    name, docs = rendered
+    pod = job_of(docs)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config_map = docs[("ConfigMap", "qlora-job-config")]
+    volume = next(v for v in pod["volumes"] if "configMap" in v)
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert container["args"] == ["run", "--config", f"{mount['mountPath']}/config.yaml"]
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    if name == "overlays/minio":
+        assert config["storage"]["endpoint_url"].startswith("http")
+    config_job = pytest.importorskip("job.config")
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    cfg = config_job.load_config(str(path), environ={})
+    assert cfg.run_uri.startswith("s3://")
+
+
+def test_credentials_irsa_in_base_secret_in_minio():
+    base, minio = render("base"), render("overlays/minio")
+    annotation = "eks.amazonaws.com/role-arn"
+    assert base[("ServiceAccount", "qlora-job")]["metadata"]["annotations"][annotation].startswith("arn:aws:iam::")
+    assert annotation not in minio[("ServiceAccount", "qlora-job")]["metadata"].get("annotations", {})
+    for docs in (base, minio):
+        pod = job_of(docs)["spec"]["template"]["spec"]
+        secret = next(v["secret"] for v in pod["volumes"] if "secret" in v)
+        assert secret["optional"] is True  # IRSA needs no Secret
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert env["AWS_SHARED_CREDENTIALS_FILE"].startswith("/var/run/secrets/")
+    egress_ports = {p["port"] for rule in minio[("NetworkPolicy", "qlora-job")]["spec"]["egress"] for p in rule["ports"]}
+    assert {53, 443, 9000} <= egress_ports
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="needs kubectl to compare against")
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_python_renderer_matches_kubectl(name):
+    def normal(text):
+        docs = []
+        for doc in yaml.safe_load_all(text):
+            text = yaml.safe_dump(doc, sort_keys=True)
+            docs.append(re.sub(r"qlora-job-config-[a-z0-9]+", "qlora-job-config-HASH", text))
+        return sorted(docs)
+
+    path = ROOT / "k8s" / name
+    assert normal(render_k8s.render_in_python(path)) == normal(render_k8s.render_with_kubectl(path))
+
+
+# -- Dockerfile ----------------------------------------------------------------------------------
+
+
+def test_dockerfile_contract():
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [line.split()[0] for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    assert "HEALTHCHECK" not in instructions  # a batch job: its health is its exit code
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S+$", text, re.M)
+    assert instructions.count("FROM") == 2  # builder + runtime
+    assert re.findall(r"^USER (\S+)", text, re.M) == ["10001:10001"]
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/entrypoint.sh"]' in text
+    for label in ("title", "source", "version", "revision", "licenses"):
+        if label == "source":
+            continue  # no public repository address to point at yet
+        assert f"org.opencontainers.image.{label}=" in text
+    # Nothing secret-looking is baked in through ENV or ARG defaults.
+    assert not re.search(r"^(ENV|ARG)\b.*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", text, re.M | re.I)
+
+
+def test_dockerignore_lets_in_only_the_build_inputs():
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = set()
+    for match in re.finditer(r"^COPY (?!--from)(.+)$", (ROOT / "Dockerfile").read_text(), re.M):
+        copied.update(match.group(1).split()[:-1])
+    assert copied <= allowed, copied - allowed
+
+
+def test_entrypoint_is_executable_in_git():
+    mode = subprocess.run(["git", "ls-files", "-s", "entrypoint.sh"], cwd=ROOT, capture_output=True, text=True).stdout
+    if not mode:
+        pytest.skip("not a git checkout")
+    assert mode.startswith("100755")
+
+
+# -- Terraform -----------------------------------------------------------------------------------
+
+
+def _plain(value):
+    """python-hcl2 8 keeps string quotes ('"x"') and adds __is_block__ / __comments__: drop them."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items() if k not in ("__is_block__", "__comments__")}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+@pytest.fixture(scope="module")
+def tf():
+    hcl2 = pytest.importorskip("hcl2")
+    merged: dict = {}
+    for path in sorted((ROOT / "terraform").glob("*.tf")):
+        with path.open() as f:
+            for key, blocks in _plain(hcl2.load(f)).items():
+                merged.setdefault(key, []).extend(blocks)
+    return merged
+
+
+def resources(tf, kind):
+    return {name: body for block in tf["resource"] for k, named in block.items() if k == kind
+            for name, body in named.items()}
+
+
+def test_every_variable_and_output_is_described(tf):
+    for key in ("variable", "output"):
+        for block in tf[key]:
+            for name, body in block.items():
+                assert body.get("description"), f"{key} {name} has no description"
+    outputs = {name for block in tf["output"] for name in block}
+    assert {"bucket", "sagemaker_role_arn", "eks_role_arn", "image_uri", "ecr_repository_url"} <= outputs
+
+
+def test_bucket_private_versioned_encrypted_tls_only(tf):
+    (pab,) = resources(tf, "aws_s3_bucket_public_access_block").values()
+    assert all(pab[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls",
+                                        "restrict_public_buckets"))
+    (versioning,) = resources(tf, "aws_s3_bucket_versioning").values()
+    assert versioning["versioning_configuration"][0]["status"] == "Enabled"
+    (sse,) = resources(tf, "aws_s3_bucket_server_side_encryption_configuration").values()
+    assert sse["rule"][0]["apply_server_side_encryption_by_default"][0]["sse_algorithm"] == "aws:kms"
+    policy = next(body for block in tf["data"] for k, named in block.items() if k == "aws_iam_policy_document"
+                  for name, body in named.items() if name == "bucket")
+    condition = policy["statement"][0]["condition"][0]
+    assert policy["statement"][0]["effect"] == "Deny"
+    assert (condition["variable"], condition["values"]) == ("aws:SecureTransport", ["false"])
+    (lifecycle,) = resources(tf, "aws_s3_bucket_lifecycle_configuration").values()
+    rules = {r["id"]: r for r in lifecycle["rule"]}
+    assert rules["expire-old-checkpoints"]["noncurrent_version_expiration"]
+    assert rules["abort-incomplete-multipart-uploads"]["abort_incomplete_multipart_upload"]
+
+
+def test_ecr_scan_on_push_and_immutable_tags(tf):
+    (repo,) = resources(tf, "aws_ecr_repository").values()
+    assert repo["image_tag_mutability"] == "IMMUTABLE"
+    assert repo["image_scanning_configuration"][0]["scan_on_push"] is True
+
+
+def test_roles_write_only_their_own_prefix(tf):
+    storage = next(body for block in tf["data"] for k, named in block.items() if k == "aws_iam_policy_document"
+                   for name, body in named.items() if name == "storage")
+    statements = {s["sid"]: s for s in storage["statement"]}
+    assert statements["ReadWriteOwnRuns"]["resources"] == ["${local.bucket_arn}/${each.value}*"]
+    assert "s3:PutObject" not in statements["ReadInputs"]["actions"]
+    assert not any(r == "*" for s in storage["statement"] for r in s["resources"])
+    roles = resources(tf, "aws_iam_role")
+    assert set(roles) == {"sagemaker", "eks"}
