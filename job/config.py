@@ -116,23 +116,33 @@ class TrainConfig:
     compute_dtype: str = "auto"
     """auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), bf16, fp16 or fp32."""
     lora_r: int = 64
+    """LoRA rank."""
     lora_alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.1
+    """Dropout on the LoRA input."""
     target_modules: Union[str, list] = "all-linear"
     """LoRA targets: "all-linear" or a list of module names such as [q_proj, v_proj]."""
     learning_rate: float = 2e-4
+    """Peak learning rate of the LoRA weights."""
     lr_scheduler: str = "cosine"
+    """Any transformers scheduler name (cosine, linear, constant, ...)."""
     warmup_steps: int = 10
+    """Linear warm-up steps."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float = 0.3
+    """Gradient clipping norm (the QLoRA paper's 0.3)."""
     optimizer: str = "auto"
     """auto (fused AdamW on CUDA, AdamW on CPU) or any transformers `optim` name."""
     epochs: float = 1.0
+    """Passes over the training data (when max_steps is -1)."""
     max_steps: int = -1
     """Stop after this many optimizer steps; -1 runs `epochs`."""
     micro_batch_size: Union[int, str] = "auto"
     """Sequences per device per step ("auto": chosen from free GPU memory)."""
     gradient_accumulation: int = 1
+    """Micro-batches per optimizer step."""
     max_seq_length: int = 512
     """Longer examples are dropped and counted in the metrics (never silently truncated)."""
     packing: bool = True
@@ -142,7 +152,9 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, str] = "auto"
     """Recompute activations to save memory ("auto": from free GPU memory)."""
     seed: int = 42
+    """Seed for LoRA initialisation, shuffling and dropout."""
     logging_steps: int = 10
+    """Log loss and learning rate every N steps (also into TensorBoard and the loss curve)."""
     checkpoint_every_steps: int = 100
     """Save and upload a checkpoint every N optimizer steps (0: off)."""
     checkpoint_every_minutes: float = 30.0
@@ -152,6 +164,7 @@ class TrainConfig:
     background_upload: bool = True
     """Upload checkpoints while training continues."""
     dataloader_workers: int = 0
+    """Worker processes feeding batches (data is pre-tokenized, so 0 is usually enough)."""
 
 
 @dataclass
