@@ -84,13 +84,13 @@ ENV DEBIAN_FRONTEND=noninteractive
 # ca-certificates: TLS to S3 and other endpoints. Versions: see the builder stage (DL3008).
 # The user: fixed numeric UID/GID 10001 (above any host's ordinary users) so that Kubernetes'
 # runAsNonRoot can check it and files on mounted folders belong to a predictable owner. Its home is
-# group 0 writable as well, for platforms that run images under an arbitrary UID in group 0.
+# also writable by group 0, for platforms that run images under an arbitrary UID in group 0.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 tini ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 job \
-    && useradd --uid 10001 --gid 10001 --groups 0 --create-home --home-dir /home/job --shell /usr/sbin/nologin job \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/job --shell /usr/sbin/nologin job \
     && mkdir -p /home/job/.cache \
     && chown -R 10001:0 /home/job \
     && chmod -R g=u /home/job

@@ -31,10 +31,10 @@ BUILD_ONLY=0
 # fuse-overlayfs), so this never touches the host's default container storage.
 STORE=(--root "$CHECK_DIR/storage" --runroot "$CHECK_DIR/runroot" --storage-driver vfs)
 # runc (crun is not installed on Debian by default), cgroupfs (no systemd), no network (the job must
-# not need one: inputs are on the mounted folder), and a modest open-files limit: runc cannot raise
-# the container's limit above the sandbox's own hard limit.
+# not need one: inputs are on the mounted folder), and lowered open-files and process limits: runc
+# cannot raise them above this sandbox's own hard limits.
 RUN_OPTS=(--runtime runc --cgroup-manager cgroupfs --events-backend file --network none
-          --ulimit nofile=4096:4096)
+          --ulimit nofile=4096:4096 --ulimit nproc=8192:8192)
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -112,12 +112,41 @@ size=$(podman_ image inspect --format '{{.Size}}' "$IMAGE")
 echo "built in ${build_s} s; image size $((size / 1000000)) MB (CPU torch; the CUDA build is larger, see docs/deploy.md)" >&2
 
 step "CLI smoke test"
-user=$(podman_ run --rm "${RUN_OPTS[@]}" --entrypoint id "$IMAGE" -u)
-[[ $user == 10001 ]] || fail "image runs as uid $user, expected 10001"
-podman_ run --rm "${RUN_OPTS[@]}" "$IMAGE" --version
-podman_ run --rm "${RUN_OPTS[@]}" "$IMAGE" config --set run_uri=/tmp/r --set data.uri=/tmp/d.csv \
-    --set model.uri=/tmp/m >/dev/null || fail "IMAGE config failed"
-rc=0; podman_ run --rm "${RUN_OPTS[@]}" "$IMAGE" serve 2>/dev/null || rc=$?
+# One plain `podman run` of the image as built (its own ENTRYPOINT, CMD, USER, ENV). With vfs every
+# container starts from a full copy of the image (about a minute for 2 GB), so the runs after this
+# one share a single copy of the image's filesystem, mounted read-only as --rootfs with the image's
+# own user, environment, working directory and entry point: the same files and settings, and a
+# read-only root filesystem as in k8s/base (tmpfs on /tmp and $HOME, like its emptyDir volumes).
+[[ $(podman_ image inspect --format '{{.Config.User}}' "$IMAGE") == 10001:10001 ]] || fail "image USER is not 10001:10001"
+podman_ run --rm "${RUN_OPTS[@]}" "$IMAGE" --version || fail "IMAGE --version failed"
+
+rootfs_copy="$CHECK_DIR/rootfs-run"
+rm -rf "$rootfs_copy"
+mnt=$(podman_ image mount "$IMAGE")
+cp -a "$mnt" "$rootfs_copy"
+podman_ image unmount "$IMAGE" >/dev/null
+mapfile -t image_env < <(podman_ image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" | sed '/^$/d')
+mapfile -t entrypoint < <(podman_ image inspect --format '{{range .Config.Entrypoint}}{{println .}}{{end}}' "$IMAGE" | sed '/^$/d')
+# shellcheck disable=SC2054  # the commas are tmpfs mount options, not array separators
+IMAGE_OPTS=(--read-only --user 10001:10001
+            --workdir "$(podman_ image inspect --format '{{.Config.WorkingDir}}' "$IMAGE")"
+            --tmpfs /tmp:rw,exec,mode=1777 --tmpfs /home/job:rw,exec,uid=10001,gid=10001,mode=0755
+            --entrypoint "$(printf '%s\n' "${entrypoint[@]}" | jq -Rsc 'split("\n") | map(select(length > 0))')")
+for e in "${image_env[@]}"; do IMAGE_OPTS+=(--env "$e"); done
+# run_image [PODMAN OPTIONS...] -- [ARGUMENTS...]: with --rootfs, the path is the first positional
+# argument, so the options given here go before it and the container's arguments after it.
+run_image() {
+    local opts=()
+    while (($#)) && [[ $1 != -- ]]; do opts+=("$1"); shift; done
+    shift
+    podman_ run "${RUN_OPTS[@]}" "${IMAGE_OPTS[@]}" "${opts[@]}" --rootfs "$rootfs_copy" "$@"
+}
+
+user=$(run_image --rm --entrypoint id -- -u)
+[[ $user == 10001 ]] || fail "runs as uid $user, expected 10001"
+run_image --rm -- config --set run_uri=/tmp/r --set data.uri=/tmp/d.csv --set model.uri=/tmp/m >/dev/null \
+    || fail "IMAGE config failed"
+rc=0; run_image --rm -- serve 2>/dev/null || rc=$?
 ((rc == 2)) || fail "IMAGE serve exited $rc, expected 2"
 if ((BUILD_ONLY)); then
     echo "build-only: OK" >&2
@@ -139,8 +168,8 @@ if [[ -x $REPO/.venv/bin/python ]]; then
     "$REPO/.venv/bin/python" -m job.tiny_model "$work/model" --csv "$work/data/snli.csv" >/dev/null
 else
     chmod 0777 "$work"
-    podman_ run --rm "${RUN_OPTS[@]}" -v "$work:/check" --entrypoint python "$IMAGE" \
-        -m job.tiny_model /check/model --csv /check/data/snli.csv >/dev/null
+    run_image --rm -v "$work:/check" --entrypoint python -- -m job.tiny_model /check/model \
+        --csv /check/data/snli.csv >/dev/null
 fi
 chmod -R a+rX "$work/model" "$work/data"
 
@@ -167,7 +196,7 @@ check_artifacts() {
 
 step "IMAGE run --config (docker run style)"
 t0=$(seconds)
-podman_ run --rm "${RUN_OPTS[@]}" -v "$work:/check" -e JOB_RUN_URI=/check/runs/docker-run "$IMAGE" \
+run_image --rm -v "$work:/check" -e JOB_RUN_URI=/check/runs/docker-run -- \
     run --config /check/config.yaml 2>"$work/run.log" || { tail -n 40 "$work/run.log" >&2; fail "IMAGE run failed"; }
 check_artifacts "$work/runs/docker-run"
 check_owner "$work/runs/docker-run"
@@ -183,7 +212,7 @@ echo '{"train.max_steps": "4", "data.eval_size": "8"}' >"$sm/input/config/hyperp
 chmod -R a+rX "$sm/input"
 chown -R 10001:10001 "$sm/model" "$sm/output" "$sm/checkpoints"
 t0=$(seconds)
-podman_ run --rm "${RUN_OPTS[@]}" -v "$sm:/opt/ml" "$IMAGE" train 2>"$work/train.log" \
+run_image --rm -v "$sm:/opt/ml" -- train 2>"$work/train.log" \
     || { tail -n 40 "$work/train.log" >&2; fail "IMAGE train failed"; }
 check_artifacts "$sm/model"
 [[ -f $sm/checkpoints/run/_stages/train.json ]] || fail "no run under /opt/ml/checkpoints/run"
@@ -193,7 +222,7 @@ echo "train (SageMaker): OK in $(($(seconds) - t0)) s; /opt/ml/model has adapter
 step "SIGTERM during training -> checkpoint and exit 75"
 name="qlora-check-term-$$"
 podman_ rm -f "$name" >/dev/null 2>&1 || true
-podman_ run -d --name "$name" "${RUN_OPTS[@]}" -v "$work:/check" -e JOB_RUN_URI=/check/runs/sigterm "$IMAGE" \
+run_image -d --name "$name" -v "$work:/check" -e JOB_RUN_URI=/check/runs/sigterm -- \
     run --config /check/config.yaml --set train.max_steps=100000 --set train.checkpoint_every_steps=0 \
     --set train.checkpoint_every_minutes=0 >/dev/null
 started="$work/runs/sigterm/_stages/train.started.json"
@@ -213,5 +242,5 @@ podman_ rm "$name" >/dev/null
 check_owner "$work/runs/sigterm"
 echo "SIGTERM: OK (exit 75, checkpoint $(cat "$work/runs/sigterm/checkpoints/LATEST"))" >&2
 
-[[ ${KEEP:-0} == 1 ]] || rm -rf "$work"
+[[ ${KEEP:-0} == 1 ]] || rm -rf "$work" "$rootfs_copy"
 printf '\nimage check passed: build %s s, size %s MB\n' "$build_s" "$((size / 1000000))"
