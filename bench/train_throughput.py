@@ -15,6 +15,7 @@ bf16 of an H100/H200 SXM) and each recipe's ratio to the notebook's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -80,9 +81,13 @@ def notebook_trainer(model_dir, tokenizer, records, steps, out_dir):
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.float16))
     model.config.use_cache = False
+    # transformers 5 replaced group_by_length=True by train_sampling_strategy="group_by_length"
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields
+                else {"group_by_length": True})
     args = SFTConfig(output_dir=str(out_dir), per_device_train_batch_size=4, gradient_accumulation_steps=1,
                      optim="paged_adamw_32bit", learning_rate=2e-4, max_grad_norm=0.3, max_steps=steps,
-                     warmup_steps=0, lr_scheduler_type="constant", group_by_length=True, fp16=False, bf16=False,
+                     warmup_steps=0, lr_scheduler_type="constant", **grouping, fp16=False, bf16=False,
                      gradient_checkpointing=True, logging_steps=1000, save_strategy="no", report_to="none",
                      include_num_input_tokens_seen="non_padding", packing=False, max_length=4096,
                      completion_only_loss=True, disable_tqdm=True)
@@ -128,7 +133,15 @@ def run_recipe(name, make, warmup, shape):
     trainer, settings = made if isinstance(made, tuple) else (made, {})
     timer = StepTimer()
     trainer.add_callback(timer.callback)
-    trainer.train()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        del trainer, made
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"recipe": name, "settings": settings, "tokens_per_s": float("nan"), "s_per_step": float("nan"),
+                "tokens_per_step": float("nan"), "peak_gib": float("nan"), "mfu": float("nan"),
+                "first_step_s": float("nan"), "error": "out of memory"}
     result = timer.summary(warmup)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result.update(recipe=name, settings=settings, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -186,6 +199,9 @@ def main():
     print(f"{'recipe':<28}{'tok/s':>9}{'s/step':>8}{'tok/step':>10}{'peak GiB':>10}{'MFU':>7}{'x nb':>7}"
           f"{'1st step s':>11}")
     for r in results:
+        if r.get("error"):
+            print(f"{r['recipe']:<28}{r['error']}\n    settings: {r['settings']}")
+            continue
         ratio = f"{r['tokens_per_s'] / base:.1f}" if base else "-"
         print(f"{r['recipe']:<28}{r['tokens_per_s']:>9.0f}{r['s_per_step']:>8.2f}{r['tokens_per_step']:>10.0f}"
               f"{r['peak_gib']:>10.1f}{r['mfu']:>7.1%}{ratio:>7}{r['first_step_s']:>11.1f}")
