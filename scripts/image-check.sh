@@ -16,7 +16,8 @@
 #   4. SIGTERM to a training container         a checkpoint is saved and the exit code is 75
 #
 # Environment: CHECK_DIR (storage, base image, work files; default /var/tmp/qlora-image-check),
-# IMAGE (tag to build; default localhost/qlora-job:check), KEEP=1 keeps the work folder.
+# IMAGE (tag to build; default localhost/qlora-job:check), KEEP=1 keeps the work folder,
+# SKIP_BUILD=1 reuses an existing IMAGE (to rerun the checks alone).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -104,9 +105,15 @@ if [[ -n $ca && -f $ca ]]; then
     volumes+=(-v "$ca:/run/host-ca.crt:ro")
 fi
 t0=$(seconds)
-buildah_ bud --isolation chroot --network host --layers "${build_args[@]}" "${volumes[@]}" \
-    -f "$ctx/Dockerfile" -t "$IMAGE" "$ctx" >"$CHECK_DIR/build.log" 2>&1 \
-    || { tail -n 40 "$CHECK_DIR/build.log" >&2; fail "build failed (log: $CHECK_DIR/build.log)"; }
+if [[ ${SKIP_BUILD:-0} == 1 ]] && buildah_ inspect --type image "$IMAGE" >/dev/null 2>&1; then
+    echo "SKIP_BUILD=1: using the existing $IMAGE" >&2
+else
+    buildah_ bud --isolation chroot --network host --layers "${build_args[@]}" "${volumes[@]}" \
+        -f "$ctx/Dockerfile" -t "$IMAGE" "$ctx" >"$CHECK_DIR/build.log" 2>&1 \
+        || { tail -n 40 "$CHECK_DIR/build.log" >&2; fail "build failed (log: $CHECK_DIR/build.log)"; }
+    # vfs keeps a full copy per layer: drop the images that the new build left untagged.
+    buildah_ rmi --prune >/dev/null 2>&1 || true
+fi
 build_s=$(($(seconds) - t0))
 size=$(podman_ image inspect --format '{{.Size}}' "$IMAGE")
 echo "built in ${build_s} s; image size $((size / 1000000)) MB (CPU torch; the CUDA build is larger, see docs/deploy.md)" >&2
@@ -130,7 +137,7 @@ mapfile -t entrypoint < <(podman_ image inspect --format '{{range .Config.Entryp
 # shellcheck disable=SC2054  # the commas are tmpfs mount options, not array separators
 IMAGE_OPTS=(--read-only --user 10001:10001
             --workdir "$(podman_ image inspect --format '{{.Config.WorkingDir}}' "$IMAGE")"
-            --tmpfs /tmp:rw,exec,mode=1777 --tmpfs /home/job:rw,exec,uid=10001,gid=10001,mode=0755
+            --tmpfs /tmp:rw,exec,mode=1777 --tmpfs /home/job:rw,exec,mode=1777
             --entrypoint "$(printf '%s\n' "${entrypoint[@]}" | jq -Rsc 'split("\n") | map(select(length > 0))')")
 for e in "${image_env[@]}"; do IMAGE_OPTS+=(--env "$e"); done
 # run_image [PODMAN OPTIONS...] -- [ARGUMENTS...]: with --rootfs, the path is the first positional
