@@ -164,8 +164,12 @@ def main():
     parser.add_argument("--recipes", default="notebook,job", help="comma list of notebook, job")
     parser.add_argument("--variant", action="append", default=[],
                         help='"NAME: key=value key=value" - the job recipe with extra settings')
+    parser.add_argument("--cap-gb", type=float, help="cap this process's GPU memory (a 16 GiB card: 16)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total)
 
     from job.model import load_tokenizer
     from job.tiny_model import make_model
@@ -195,7 +199,8 @@ def main():
         print(json.dumps(results[-1]), flush=True)
 
     base = next((r["tokens_per_s"] for r in results if r["recipe"] == "notebook"), None)
-    print(f"\n{torch.cuda.get_device_name()}, shape {args.shape}, {args.steps} measured steps after {args.warmup}")
+    cap = f", memory capped at {args.cap_gb:g} GiB" if args.cap_gb else ""
+    print(f"\n{torch.cuda.get_device_name()}, shape {args.shape}, {args.steps} measured steps after {args.warmup}{cap}")
     print(f"{'recipe':<28}{'tok/s':>9}{'s/step':>8}{'tok/step':>10}{'peak GiB':>10}{'MFU':>7}{'x nb':>7}"
           f"{'1st step s':>11}")
     for r in results:

@@ -38,6 +38,12 @@ def work_dir(cfg: Config) -> Path:
     return path
 
 
+def keep_compiled_kernels(cfg: Config, environ=os.environ) -> None:
+    """Keep torch.compile's kernels (flex attention) with the model cache, so a restart on a node
+    that kept the cache (a volume, /workspace) skips most of the first step's compilation."""
+    environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir(cfg, environ) / "inductor"))
+
+
 class StopRequest:
     """Turns SIGTERM (spot preemption, pod eviction, `docker stop`) into a flag the trainer polls.
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from job.config import Config
 from job.errors import InputError, Preempted
 from job.model import attn_implementation, compute_dtype, fetch_model, load_tokenizer
+from job.platform import keep_compiled_kernels
 from job.stages import storage_options
 from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
 from job.stages.labels import check_labels, tokenize_examples
@@ -29,6 +30,7 @@ def run(cfg: Config, ctx) -> dict:
     import torch
 
     t_start = time.monotonic()
+    keep_compiled_kernels(cfg)
     model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
     tokenizer = load_tokenizer(model_dir, cfg.model.uri)
     records = [json.loads(line) for line in ctx.store.read_text(TRAIN_DATA).splitlines() if line.strip()]
@@ -111,9 +113,16 @@ def run(cfg: Config, ctx) -> dict:
 def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
     """Micro-batch size, packing length and activation checkpointing: from config, or sized to the card.
 
-    Sizing rule (per token of a micro-batch, bf16): with activation checkpointing each layer keeps its
-    input (2*hidden bytes) plus one layer's activations are live; without it every layer keeps
-    roughly 16*hidden + 6*intermediate values; the logits add 8*vocab bytes (fp32 plus grad).
+    Measured on an H200 with a 7B model (docs/benchmarks.md), flex attention: without activation
+    checkpointing, 8k tokens per micro-batch give 11,240 tokens/s at 63 GiB and 16k give 12,141 at
+    121 GiB; with checkpointing, 32k give 8,817 at 22 GiB. So: no checkpointing when at least 8k
+    tokens fit (up to 16k), else checkpointing with up to 32k tokens per micro-batch (bitsandbytes
+    dequantizes every weight once per micro-batch: more tokens amortise it). With sdpa (the
+    default) the micro-batch stays at 8k tokens: 5,391 tokens/s at 67 GiB without checkpointing.
+
+    Bytes per token of a micro-batch (bf16), calibrated on that run: without checkpointing every
+    layer keeps about 14*hidden + 5*intermediate values; with it, each layer keeps its input
+    (hidden) and one layer's activations are live; the logits add 8*vocab bytes (fp32 and grad).
     """
     import torch
 
@@ -131,30 +140,38 @@ def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
     hidden, layers = shape.get("hidden_size", 4096), shape.get("num_hidden_layers", 32)
     inter, vocab = shape.get("intermediate_size", 4 * hidden), shape.get("vocab_size", 32000)
     params = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
-    base_bytes = params * (0.55 if t.load_in_4bit else 2.0) + 2 * vocab * hidden
-    free, _total = torch.cuda.mem_get_info()
-    budget = 0.80 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
-    per_token = {True: 2 * (2 * hidden * layers + 16 * hidden + 6 * inter) + 8 * vocab,
-                 False: 2 * layers * (16 * hidden + 6 * inter) + 8 * vocab}
+    base_bytes = params * (0.55 if t.load_in_4bit else 2.0)
+    free = usable_gpu_memory()
+    budget = 0.90 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
+    per_token = {False: 2 * layers * (14 * hidden + 5 * inter) + 8 * vocab,
+                 True: 2 * (hidden * layers + 16 * hidden + 6 * inter) + 8 * vocab}
     length = t.packing_length if t.packing_length != "auto" else max(2048, longest)
-    # bitsandbytes dequantizes each weight once per micro-batch: more tokens per micro-batch amortise
-    # it. But padding-free packing flattens the micro-batch into one row, and sdpa/eager then build a
-    # dense document mask whose cost grows with the square of its tokens (measured on an H200: sdpa
-    # 4,010 tok/s at 2048 x 4, 3,572 at 2048 x 8), so those kernels stay at 8192 tokens.
-    dense_mask = attn_implementation(cfg) in ("sdpa", "eager")
-    target_tokens = 8192 if dense_mask else 32768
+    if not t.packing:
+        length = t.max_seq_length
+    dense_mask = attn_implementation(cfg, training=True) in ("sdpa", "eager")
+    fit = {ckpt: int(max(budget, 0) // per_token[ckpt]) for ckpt in (False, True)}
     if t.gradient_checkpointing == "auto":
-        checkpointing = per_token[False] * target_tokens > budget
+        checkpointing = fit[False] < 8192
     else:
         checkpointing = bool(t.gradient_checkpointing)
+    # A dense document mask (sdpa, eager) costs the square of the micro-batch's tokens: stay at 8k.
+    target = 8192 if dense_mask else (32768 if checkpointing else 16384)
     if t.micro_batch_size == "auto":
-        fit = int(max(budget, 0) // per_token[checkpointing])
-        micro = max(1, min(target_tokens, fit) // length)
+        micro = max(1, min(target, fit[checkpointing]) // length)
     else:
         micro = t.micro_batch_size
     settings.update(packing_length=length, micro_batch_size=micro, gradient_checkpointing=checkpointing,
-                    free_gpu_memory_gb=round(free / 2**30, 1))
+                    usable_gpu_memory_gb=round(free / 2**30, 1))
     return settings
+
+
+def usable_gpu_memory() -> int:
+    """Free bytes on the current GPU, within any per-process cap (set_per_process_memory_fraction)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    return int(min(free, fraction * total - torch.cuda.memory_reserved()))
 
 
 def count_4bit_layers(model) -> int:
@@ -169,7 +186,7 @@ def load_base_model(cfg: Config, model_dir: Path, dtype):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(cfg)}
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(cfg, training=True)}
     if cfg.train.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.train.quant_type,
