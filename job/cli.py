@@ -104,6 +104,36 @@ def config(config_file, assignments):
     click.echo(to_yaml(_load(config_file, assignments)), nl=False)
 
 
+@cli.command()
+@config_options
+@click.option("--model", "model_uri", required=True, metavar="URI",
+              help="Model folder (local or s3://): the run's merged/, or a base model with --adapter.")
+@click.option("--adapter", "adapter_uri", metavar="URI", help="PEFT adapter folder (the run's adapter/) to apply.")
+@click.option("--input", "input_file", metavar="FILE",
+              help="Sentences from a file (local or s3://): one a line, or a .csv column (see --column); - is stdin.")
+@click.option("--column", default="sentence1", show_default=True, help="The CSV column to read with --input X.csv.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Default: evaluate.max_new_tokens.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Default: evaluate.batch_size.")
+@click.argument("sentences", nargs=-1, metavar="[SENTENCE]...")
+def predict(config_file, assignments, model_uri, adapter_uri, input_file, column, max_new_tokens, batch_size,
+            sentences):
+    """Generate the negation of each SENTENCE (and of each line of --input) and print one JSON line per
+    input: {"input", "negation", "raw", "valid"}. Same prompt template and parser as training and
+    evaluation; prompt and generation settings come from --config/--set (prompt.*, evaluate.*).
+    Logs go to stderr."""
+    from job.logs import add_secret_filter
+    from job.predict import predict as run_predict
+    from job.predict import predict_config, read_inputs, to_json_line
+    from job.stages import storage_options
+
+    cfg = predict_config(config_file, tuple(assignments), model_uri)
+    add_secret_filter(cfg)
+    inputs = read_inputs(sentences, input_file, column, storage_options(cfg))  # bad input fails before loading
+    for record in run_predict(cfg, model_uri, adapter_uri, inputs, max_new_tokens or cfg.evaluate.max_new_tokens,
+                              batch_size or cfg.evaluate.batch_size):
+        click.echo(to_json_line(record))
+
+
 def main(argv=None):
     """Entry point: map the job's errors to their documented exit codes."""
     try:

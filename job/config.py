@@ -169,19 +169,21 @@ class TrainConfig:
 
 @dataclass
 class MergeConfig:
-    """Merging the adapter into a 16-bit copy of the base model."""
+    """Merging the adapter into a 16-bit copy of the base model (never into the 4-bit training model)."""
 
     enabled: bool = True
     """false: stop at the adapter (no merged/ folder; evaluate then uses base+adapter)."""
     dtype: str = "auto"
-    """auto (bf16 where supported, else fp16), bf16, fp16 or fp32."""
+    """auto (bf16, or fp16 on a GPU without bf16), bf16, fp16 or fp32: the merged model's weights."""
     device: str = "auto"
-    """auto (GPU when the model fits, else CPU), cuda or cpu."""
+    """auto (the GPU when the 16-bit model fits in its free memory, else the CPU), cuda or cpu."""
     max_shard_size: str = "2GB"
+    """Largest safetensors file in merged/ (e.g. 2GB, 500MB)."""
     check_prompts: int = 4
-    """Eval prompts run through base+adapter and merged to compare logits."""
+    """Eval examples (prompt and gold answer) run through base+adapter and the merged model to compare logits."""
     tolerance: float = 0.0
-    """Max allowed logit difference; 0 picks one suited to the dtype."""
+    """Max allowed logit difference between merged and base+adapter; 0 picks one suited to the dtype
+    (bf16 0.08, fp16 0.01, fp32 1e-4, times the largest logit when above 1)."""
 
 
 @dataclass
@@ -189,14 +191,19 @@ class EvaluateConfig:
     """Generation on the held-out rows and the report."""
 
     enabled: bool = True
+    """false: no evaluation and no report/."""
     max_new_tokens: int = 128
+    """Generation stops at EOS or after this many new tokens (counted in eos_stop_rate)."""
     batch_size: int = 16
+    """Prompts generated together (left padding); lower it if generation runs out of memory."""
     compare_base: bool = True
     """Also run the untouched base model on the same prompts, for a side-by-side report."""
     max_examples: Optional[int] = None
     """Evaluate at most this many eval rows; null: all."""
     do_sample: bool = False
+    """false: greedy decoding (reproducible); true: sampling at `temperature`."""
     temperature: float = 1.0
+    """Sampling temperature (only with do_sample: true)."""
 
 
 @dataclass

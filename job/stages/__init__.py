@@ -22,6 +22,12 @@ def storage_options(cfg: Config) -> dict:
 OPERATIONAL_TRAIN_KEYS = ("train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints",
                           "train.background_upload", "train.logging_steps", "train.dataloader_workers")
 
+# Where the merge runs, how its files are sharded and how strictly it is checked leave the weights as they are.
+OPERATIONAL_MERGE_KEYS = ("merge.device", "merge.max_shard_size", "merge.check_prompts", "merge.tolerance")
+# The batch size changes speed and memory, not what greedy decoding says (up to padding rounding): a
+# run that ran out of memory can go on with a smaller batch without being called stale.
+OPERATIONAL_EVALUATE_KEYS = ("evaluate.batch_size",)
+
 
 def _lazy(module: str):
     def run(cfg, ctx):
@@ -38,6 +44,13 @@ def all_stages() -> list[Stage]:
         # storage settings and cache folders change where bytes travel, not the result: not in the keys.
         Stage("train", _lazy("train"), config_keys=("model.uri", "model.attn_implementation", "train"),
               ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=("adapter", "checkpoints", "tensorboard")),
+        # The merged weights depend on the adapter (train) and merge.dtype only.
+        Stage("merge", _lazy("merge"), config_keys=("merge",), ignore=OPERATIONAL_MERGE_KEYS, needs=("train",),
+              outputs=("merged",), enabled=lambda c: c.merge.enabled, disabled_reason="merge.enabled: false"),
+        # Reads merged/ (or adapter/ when merge is disabled) and data/eval.jsonl (format, via train).
+        Stage("evaluate", _lazy("evaluate"), config_keys=("evaluate",), ignore=OPERATIONAL_EVALUATE_KEYS,
+              needs=("train", "merge"), outputs=("report",), enabled=lambda c: c.evaluate.enabled,
+              disabled_reason="evaluate.enabled: false"),
     ]
 
 

@@ -1,0 +1,279 @@
+"""Inference shared by the evaluate stage and `job predict`: load a model, generate in batches, parse.
+
+The prompt comes from `job.prompts.build_prompt` and is tokenized alone with the tokenizer's special
+tokens, exactly as in training (job/stages/labels.py); the answer is read with the same tolerant parser.
+Generation is batched with left padding (pad token never EOS), greedy unless sampling is asked for,
+and stops at the tokenizer's EOS, which training appended to every example.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from job.config import Config, load_config
+from job.errors import InputError
+from job.model import attn_implementation, fetch_model, load_tokenizer
+from job.platform import cache_dir
+from job.prompts import build_prompt, parse_response
+from job.storage import is_s3, open_store, split_uri
+
+log = logging.getLogger("job.predict")
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def inference_dtype():
+    """bf16 on a GPU that has it (else fp16); fp32 on CPU, where bf16 matmuls are very slow."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(model_dir: Path, adapter_dir: Optional[Path], cfg: Config, dtype=None):
+    """A model for generation: the folder as is (merged or base), or base + adapter (not merged)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype or inference_dtype(), "attn_implementation": attn_implementation(cfg)}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{model_dir}: cannot load the model: {exc}") from None
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{adapter_dir}: cannot apply the adapter to {model_dir}: {exc}") from None
+    return model.eval()
+
+
+def load_inference_tokenizer(folder: Path, uri: str):
+    """The training tokenizer (pad token that is not EOS), padding on the left for generation."""
+    tokenizer = load_tokenizer(folder, uri)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def fetch_adapter(uri: str, cfg: Config, storage_opts: dict) -> Path:
+    """A local folder with the adapter at `uri`: the folder itself, or a cached download."""
+    if not is_s3(uri):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise InputError(f"--adapter {uri}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        return path
+    target = cache_dir(cfg) / "adapters" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    open_store(uri, **storage_opts).download_dir("", partial)  # small: always fetched fresh
+    if not (partial / ADAPTER_CONFIG).is_file():
+        raise InputError(f"--adapter {uri}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+@dataclass
+class Generation:
+    text: str
+    """The answer: new tokens up to (not including) EOS, special tokens skipped."""
+    new_tokens: int
+    """Tokens generated, EOS included."""
+    eos_stop: bool
+    """Generation ended with EOS before max_new_tokens (False: cut off at the limit)."""
+
+
+@dataclass
+class GenerationStats:
+    seconds: float
+    new_tokens: int
+    batches: int
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in configured if isinstance(configured, list) else [configured]:
+        if token is not None and token not in ids:
+            ids.append(token)
+    return ids
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+             progress: Optional[logging.Logger] = None) -> tuple[list[Generation], GenerationStats]:
+    """Generate for every prompt, in batches of similar length (less padding), results in input order."""
+    import torch
+
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    encoded = tokenizer(prompts)["input_ids"]  # special tokens included: the prompt as in training
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: OOM shows early
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": 1,
+               "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    if do_sample:
+        options.update(temperature=temperature, top_p=1.0, top_k=0)
+        torch.manual_seed(seed)
+    else:  # the base model's generation_config may ask for sampling; greedy overrides it, quietly
+        options.update(temperature=None, top_p=None, top_k=None)
+
+    results: list[Optional[Generation]] = [None] * len(prompts)
+    seconds, total_new = 0.0, 0
+    n_batches = (len(order) + batch_size - 1) // batch_size
+    for b in range(n_batches):
+        index = order[b * batch_size:(b + 1) * batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, padding=True, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, **options)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        new = out[:, batch["input_ids"].shape[1]:].tolist()
+        for i, tokens in zip(index, new):
+            stop = next((k for k, t in enumerate(tokens) if t in eos), None)
+            answer = tokens if stop is None else tokens[:stop]
+            results[i] = Generation(text=tokenizer.decode(answer, skip_special_tokens=True),
+                                    new_tokens=len(tokens) if stop is None else stop + 1,
+                                    eos_stop=stop is not None)
+            total_new += results[i].new_tokens
+        if progress is not None:
+            progress.info("generated batch %d/%d (%d prompts, %.1f s so far)", b + 1, n_batches, len(index), seconds)
+    return results, GenerationStats(seconds=seconds, new_tokens=total_new, batches=n_batches)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# `job predict`
+
+
+PLACEHOLDER = "(not used by job predict)"
+
+
+def predict_config(config_file: Optional[str], assignments: tuple, model_uri: str,
+                   environ: Optional[dict] = None) -> Config:
+    """The config for `job predict`: prompt, evaluate (generation) and storage settings from the usual
+    layers. run_uri and data.uri are not needed here, so they get a placeholder unless set."""
+    environ = dict(os.environ if environ is None else environ)
+    environ.setdefault("JOB_RUN_URI", PLACEHOLDER)
+    environ.setdefault("JOB_DATA__URI", PLACEHOLDER)
+    return load_config(config_file, tuple(assignments) + (f"model.uri={model_uri}",), environ=environ)
+
+
+def read_inputs(sentences: tuple, input_file: Optional[str], column: str, storage_opts: dict) -> list[str]:
+    """Sentences from the arguments, then from --input: a .csv (one column) or text, one a line ('-': stdin)."""
+    inputs = [s.strip() for s in sentences]
+    if any(not s for s in inputs):
+        raise InputError("job predict: an empty SENTENCE argument was given")
+    if input_file:
+        text = _read_input_file(input_file, storage_opts)
+        if input_file.lower().endswith(".csv"):
+            found = _csv_column(text, input_file, column)
+        else:
+            found = [line.strip() for line in text.splitlines() if line.strip()]
+        if not found:
+            raise InputError(f"--input {input_file}: no sentences in the file")
+        inputs += found
+    if not inputs:
+        raise InputError("job predict: nothing to predict; give sentences as arguments or --input FILE "
+                         "(one sentence a line, or a .csv with --column)")
+    return inputs
+
+
+def _read_input_file(input_file: str, storage_opts: dict) -> str:
+    import sys
+
+    if input_file == "-":
+        return sys.stdin.read()
+    if is_s3(input_file):
+        parent, name = split_uri(input_file)
+        data = open_store(parent, **storage_opts).read_bytes(name)
+    else:
+        try:
+            data = Path(input_file).expanduser().read_bytes()
+        except OSError as exc:
+            raise InputError(f"--input {input_file}: cannot read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--input {input_file}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+
+
+def _csv_column(text: str, name: str, column: str) -> list[str]:
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        header = reader.fieldnames or []
+        if column not in header:
+            raise InputError(f"--input {name}: no column {column!r}; the file has "
+                             f"{', '.join(header) or 'no header'}. Choose one with --column")
+        values = []
+        for line, row in enumerate(reader, start=2):
+            value = row.get(column)
+            if value is None:
+                raise InputError(f"--input {name}: row {line - 1} (line {line}) has no {column!r} field")
+            if value.strip():
+                values.append(value.strip())
+        return values
+    except csv.Error as exc:
+        raise InputError(f"--input {name}: malformed CSV: {exc}") from None
+
+
+def predict(cfg: Config, model_uri: str, adapter_uri: Optional[str], inputs: list[str],
+            max_new_tokens: int, batch_size: int) -> Iterator[dict]:
+    """One {"input", "negation", "raw", "valid"} per input, in input order."""
+    from job.stages import storage_options
+
+    opts = storage_options(cfg)
+    local = not is_s3(model_uri) and not model_uri.startswith("gguf:")
+    if local and not Path(model_uri.removeprefix("file://")).expanduser().is_dir():
+        raise InputError(f"--model {model_uri}: no such folder (give a Hugging Face model folder, e.g. a run's merged/)")
+    model_dir = fetch_model(model_uri, cfg, opts)
+    adapter_dir = fetch_adapter(adapter_uri, cfg, opts) if adapter_uri else None
+    has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_inference_tokenizer(adapter_dir if has_tokenizer else model_dir, model_uri)
+    model = load_model(model_dir, adapter_dir, cfg)
+    log.info("predict: %d inputs, %s%s, batches of %d, at most %d new tokens", len(inputs), model_uri,
+             f" + adapter {adapter_uri}" if adapter_uri else "", batch_size, max_new_tokens)
+    prompts = [build_prompt(s, cfg.prompt) for s in inputs]
+    e = cfg.evaluate
+    generations, stats = generate(model, tokenizer, prompts, max_new_tokens, batch_size, e.do_sample,
+                                  e.temperature, cfg.data.seed)
+    log.info("predict: %d tokens in %.1f s (%.1f tokens/s)", stats.new_tokens, stats.seconds,
+             stats.new_tokens / stats.seconds if stats.seconds else 0.0)
+    for sentence, generation in zip(inputs, generations):
+        parsed = parse_response(generation.text, cfg.prompt)
+        yield {"input": sentence, "negation": parsed.output, "raw": generation.text, "valid": parsed.schema_valid}
+
+
+def to_json_line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)

@@ -1,0 +1,173 @@
+"""The merge stage: merged/ reproduces base+adapter (checked by the stage and again here, independently),
+loads with from_pretrained, is sharded, stops at EOS; a failed check exits 1 and writes nothing.
+
+The trained run (format + train of the tiny model, through the CLI) is made once per session and
+copied into each test's run folder or bucket; test_evaluate.py and test_predict.py use it too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SNLI_SAMPLE, job_env, read_run_file, run_file_exists, run_job
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    model_dir: Path
+
+    def args(self, root: str, *sets: str, stages: str = "format,train,merge,evaluate") -> list[str]:
+        """`job run --stages STAGES --set KEY=VALUE...`, with format and train settings that match the
+        trained run's (so those stages are done), plus `sets`."""
+        keys = (f"run_uri={root}", f"data.uri={SNLI_SAMPLE}", f"model.uri={self.model_dir}", "data.eval_size=20",
+                "train.load_in_4bit=false", "train.max_steps=12", "train.learning_rate=1e-2", "train.lora_r=8",
+                "train.micro_batch_size=4", "train.packing_length=512", "train.checkpoint_every_steps=0",
+                "train.logging_steps=1", "merge.check_prompts=2", *sets)
+        return ["run", "--stages", stages, *[arg for kv in keys for arg in ("--set", kv)]]
+
+    def seed(self, root: str, endpoint) -> None:
+        """Copy the finished format + train results to `root` (a folder or s3://bucket/prefix)."""
+        if root.startswith("s3://"):
+            from job.storage import open_store
+
+            open_store(root, endpoint_url=endpoint).upload_dir(self.run_dir, "")
+        else:
+            shutil.copytree(self.run_dir, root)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """The tiny model and a finished format + train run on it, built once per session. Several test
+    modules import this fixture, and pytest then makes one instance per module: they all find the
+    same folder under the session's base temp and reuse it."""
+    base = tmp_path_factory.getbasetemp() / "trained-run"
+    run = TrainedRun(base / "run", base / "tiny-model")
+    if not (run.run_dir / "_stages" / "train.json").is_file():
+        from job.tiny_model import make_model
+
+        shutil.rmtree(base, ignore_errors=True)
+        make_model(run.model_dir, SNLI_SAMPLE)
+        result = run_job(*run.args(str(run.run_dir), stages="format,train"), env=job_env(JOB_CACHE_DIR=base / "cache"))
+        assert result.returncode == 0, result.stderr
+        shutil.rmtree(run.run_dir / "checkpoints")  # not needed downstream; keeps the copies small
+    return run
+
+
+def marker(root, endpoint, stage):
+    return json.loads(read_run_file(root, endpoint, f"_stages/{stage}.json"))
+
+
+def test_merge_matches_base_plus_adapter(trained_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = str(tmp_path / "run")
+    trained_run.seed(root, None)
+    result = run_job(*trained_run.args(root, "merge.max_shard_size=200KB", stages="merge"),
+                     env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    m = marker(root, None, "merge")["metrics"]
+    # The stage's own check: bf16 on CPU (auto), one rounding per weight; the adapter clearly matters.
+    assert m["dtype"] == "bfloat16" and m["device"] == "cpu"
+    assert 0 < m["max_logit_diff"] <= m["tolerance"]
+    assert m["tolerance_source"].startswith("auto")
+    assert m["adapter_effect"] > 20 * m["max_logit_diff"]
+    assert m["merged_layers"] == 14  # 7 linear layers x 2 blocks ("all-linear")
+    assert m["peak_rss_gb"] > 0 and m["merge_seconds"] >= 0 and m["peak_gpu_memory_gb"] is None
+
+    merged = Path(root) / "merged"
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    shards = sorted(merged.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and m["shards"] == len(shards)
+    assert {shard.name for shard in shards} == set(index["weight_map"].values())
+    assert not list(merged.glob("adapter_*")) and not list(merged.glob("*.bin"))
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    generation = json.loads((merged / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id
+    assert generation["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+
+    # Independently of the stage: merged (loaded as any user would) vs base+adapter, both in fp32.
+    ids = tokenizer("Two dogs run through a field of tall grass.", return_tensors="pt")["input_ids"]
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"  # saved in 16 bits
+    base = AutoModelForCausalLM.from_pretrained(trained_run.model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        reference = PeftModel.from_pretrained(base, trained_run.run_dir / "adapter").eval()
+        expected = reference(ids).logits
+        got = merged_model(ids).logits
+    effect = (expected - base_logits).abs().max().item()
+    diff = (got - expected).abs().max().item()
+    assert effect > 0.1  # the merged model is not the base model
+    assert diff < effect / 20  # ... it is base+adapter, up to bf16 rounding of the weights
+    assert diff < 0.08 * max(1.0, expected.abs().max().item())
+
+    # The merge math itself: W16 = round16(float32(round16(W)) + scale * B @ A), one rounding.
+    layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    w = layer.base_layer.weight.to(torch.bfloat16).float()
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+    want = (w + delta).to(torch.bfloat16)
+    have = merged_model.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16)
+    assert torch.equal(have, want)
+
+
+def test_failed_merge_check_exits_1_and_writes_nothing(trained_run, tmp_path):
+    root = str(tmp_path / "run")
+    trained_run.seed(root, None)
+    result = run_job(*trained_run.args(root, "merge.tolerance=1e-12", stages="merge"),
+                     env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 1, result.stderr
+    assert "merge check failed" in result.stderr and "over the tolerance 1e-12" in result.stderr
+    assert "merged/ was not written" in result.stderr
+    assert "Traceback" not in result.stderr  # an expected failure: one message
+    assert not run_file_exists(root, None, "_stages/merge.json")
+    assert not (Path(root) / "merged").exists()
+
+
+@pytest.mark.parametrize("dtype, bound", [("bfloat16", 0.03), ("float16", 0.004), ("float32", 1e-5)])
+def test_fp32_per_layer_merge_on_cpu(trained_run, tmp_path, dtype, bound):
+    """The CPU path with a random adapter (B non-zero): the stage's merge equals peft's own merge done
+    in fp32, and the logit gap stays far inside the auto tolerance for each dtype."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job.stages.merge import RELATIVE_TOLERANCE, compare_logits, load_with_adapter, logits_of, merge_in_fp32
+
+    tiny_model_dir = trained_run.model_dir
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                 init_lora_weights=False))  # random A and B
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [tokenizer("A woman is reading a book on a bench in the park.")["input_ids"]] * 2
+
+    torch_dtype = getattr(torch, dtype)
+    model = load_with_adapter(tiny_model_dir, tmp_path / "adapter", torch_dtype, "cpu", "sdpa")
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    reference = logits_of(model, examples)
+    with model.disable_adapter():
+        base_only = logits_of(model, examples)
+    merged, layers = merge_in_fp32(model)
+    assert layers == 14 and not any("lora" in n for n, _ in merged.named_parameters())
+    assert all(p.dtype == torch_dtype for p in merged.parameters())
+    check = compare_logits(reference, logits_of(merged, examples), base_only, torch_dtype, 0.0)
+    assert check["max_logit_diff"] <= bound * check["logit_scale"]
+    assert bound < RELATIVE_TOLERANCE[dtype]  # the auto tolerance leaves a margin over what we measure
+    assert check["adapter_effect"] > 0.2 * check["logit_scale"]
+
+    # Bit for bit the weights of peft's own merge_and_unload on the same 16-bit model.
+    peft_merged = load_with_adapter(tiny_model_dir, tmp_path / "adapter", torch_dtype, "cpu", "sdpa").merge_and_unload()
+    theirs = peft_merged.state_dict()
+    for name, weight in merged.state_dict().items():
+        assert torch.equal(weight, theirs[name]), name
