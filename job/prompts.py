@@ -48,26 +48,28 @@ class ParsedResponse:
     """Not JSON, but a Python-style dict (single quotes) gave the fields: counted as invalid JSON."""
 
 
+_MAX_STARTS = 50  # bounded work on garbage full of braces
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)(?:```|$)", re.DOTALL)
 
 
 def parse_response(raw: Any, cfg: PromptConfig) -> ParsedResponse:
-    """Parse a generated answer. Never raises, whatever the input."""
+    """Parse a generated answer. Never raises, whatever the input.
+
+    Reads up to the end marker; prefers the inside of a code fence when it holds an object; then
+    tries each `{` in turn (so "Answer {in JSON}: {...}" still finds the object) as strict JSON,
+    and only if none parses, as a Python-style dict (counted as invalid JSON)."""
     text = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
     result = ParsedResponse(raw=text)
     body = text.split(RESPONSE_END.strip(), 1)[0]
     fenced = _FENCE.search(body)
-    if fenced:
+    if fenced and "{" in fenced.group(1):
         body = fenced.group(1)
-    start = body.find("{")
-    if start < 0:
-        return result
-
-    obj = _decode_json_object(body[start:])
+    starts = [i for i, ch in enumerate(body) if ch == "{"][:_MAX_STARTS]
+    obj = next((o for o in (_decode_json_object(body[i:]) for i in starts) if o is not None), None)
     if obj is not None:
         result.json_valid = True
     else:
-        obj = _decode_python_dict(body[start:])
+        obj = next((o for o in (_decode_python_dict(body[i:]) for i in starts) if o is not None), None)
         result.recovered = obj is not None
     if not isinstance(obj, dict):
         return result
