@@ -103,9 +103,14 @@ def run(cfg: Config, ctx) -> dict:
             f"merge check failed: the merged model's logits differ from base+adapter by up to "
             f"{check['max_logit_diff']:.4g}, over the tolerance {check['tolerance']:.4g} for {_name(dtype)} "
             f"(logit scale {check['logit_scale']:.3g}, adapter effect {check['adapter_effect']:.3g}, "
-            f"{check['tokens']} tokens of {len(examples)} examples). merged/ was not written. If the gap is "
-            f"rounding, raise merge.tolerance or use merge.dtype=fp32; otherwise the adapter does not fit "
-            f"this base model (check model.uri).")
+            f"{check['tokens']} tokens of {len(examples)} examples). merged/ was not written. "
+            + (f"The gap is most of the adapter's own effect: its weight updates are mostly smaller than "
+               f"{_name(dtype)} can represent next to the base weights (typical of an adapter trained for few "
+               f"steps), so a {_name(dtype)} merge would silently drop them. Use merge.dtype=fp32, train "
+               f"longer, or serve base+adapter (merge.enabled: false)."
+               if check["max_logit_diff"] > 0.5 * check["adapter_effect"] else
+               f"If the gap is rounding, raise merge.tolerance or use merge.dtype=fp32; otherwise the adapter "
+               f"does not fit this base model (check model.uri)."))
     if check["adapter_effect"] <= check["tolerance"]:
         ctx.log.warning("merge: the adapter changes logits by at most %.3g, within the tolerance: it is "
                         "(nearly) a no-op, so the check cannot tell a wrong merge from a right one",
