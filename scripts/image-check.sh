@@ -247,7 +247,7 @@ podman_ rm "$name" >/dev/null
 ((rc == 75)) || { tail -n 30 "$work/sigterm.log" >&2; fail "SIGTERM: exit code $rc, expected 75"; }
 [[ -s $work/runs/sigterm/checkpoints/LATEST ]] || fail "SIGTERM: no checkpoints/LATEST"
 check_owner "$work/runs/sigterm"
-echo "SIGTERM: OK (exit 75, checkpoint $(cat "$work/runs/sigterm/checkpoints/LATEST"))" >&2
+echo "SIGTERM: OK (exit 75, checkpoints/LATEST: $(tr -d ' \n' <"$work/runs/sigterm/checkpoints/LATEST" | cut -c1-60)...)" >&2
 
 [[ ${KEEP:-0} == 1 ]] || rm -rf "$work" "$rootfs_copy"
 printf '\nimage check passed: build %s s, size %s MB\n' "$build_s" "$((size / 1000000))"
