@@ -83,7 +83,7 @@ class ModelConfig:
     cache_dir: str = ""
     """Where the model is downloaded once and reused on restart. Empty: $JOB_CACHE_DIR or ~/.cache/qlora-job."""
     attn_implementation: str = "auto"
-    """auto, sdpa, eager, flex_attention, flash_attention_2 ... (auto: sdpa on CPU, flex on CUDA where it works)."""
+    """auto, sdpa, eager, flex_attention, flash_attention_2 ... (auto: sdpa; flex_attention trains faster on GPUs but compiles on first use, see docs/benchmarks.md)."""
 
 
 @dataclass
