@@ -5,8 +5,11 @@ Metric definitions (each a rate over every evaluated example; an unparseable ans
   json_valid_rate      the answer holds a JSON object that parses strictly (code fences, trailing text ok)
   schema_valid_rate    ... with both keys, each a string
   original_match_rate  the echoed sentence equals the input exactly (surrounding whitespace ignored)
-  copy_rate            the "negation" equals the input after normalization: the failure of answering
-                       with the input itself
+  copy_rate            the answer gives the input back instead of a negation: its "negation" equals the
+                       input, or, when no "negation" could be read at all, the raw answer contains the
+                       input verbatim other than as an "original_sentence" value (both after
+                       normalization). The second half keeps a model that never writes JSON but repeats
+                       its input in prose from scoring a perfect 0.
   gold_match_rate      the "negation" equals the gold sentence after normalization
   eos_stop_rate        generation ended with EOS before evaluate.max_new_tokens
   chrf                 sacrebleu corpus chrF (0-100) of the "negation" against the gold sentence; an
@@ -38,6 +41,18 @@ def normalize(text: Optional[str]) -> str:
     return re.sub(r"\s+", " ", (text or "").strip().casefold())
 
 
+def is_copy(parsed: ParsedResponse, source: str) -> bool:
+    """The answer repeats the input instead of negating it (see copy_rate above)."""
+    text = normalize(source)
+    if parsed.output is not None:
+        return normalize(parsed.output) == text
+    if not text:
+        return False
+    # Echoing the input as "original_sentence" is what the task asks for, even in a truncated answer.
+    echo = re.compile(r"""original_sentence["']?\s*:\s*["']?""" + re.escape(text))
+    return text in echo.sub("", normalize(parsed.raw))
+
+
 def parse_all(generations: list, prompt_cfg: PromptConfig) -> list[ParsedResponse]:
     return [parse_response(g.text, prompt_cfg) for g in generations]
 
@@ -55,7 +70,7 @@ def score(records: list[dict], generations: list, parsed: list[ParsedResponse], 
         counts["json_valid_rate"] += p.json_valid
         counts["schema_valid_rate"] += p.schema_valid
         counts["original_match_rate"] += p.original is not None and p.original.strip() == source.strip()
-        counts["copy_rate"] += p.output is not None and normalize(p.output) == normalize(source)
+        counts["copy_rate"] += is_copy(p, source)
         counts["gold_match_rate"] += p.output is not None and normalize(p.output) == normalize(gold)
         counts["eos_stop_rate"] += g.eos_stop
     chrf = sacrebleu.corpus_chrf([p.output or "" for p in parsed], [[r["target"] for r in records]]).score

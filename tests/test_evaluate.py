@@ -100,7 +100,9 @@ def test_metric_definitions():
     assert m["schema_valid_rate"] == 3 / 5
     # Field metrics use what the tolerant parser read (the Python-style dict too); validity is separate.
     assert m["original_match_rate"] == 3 / 5
-    assert m["copy_rate"] == 1 / 5  # normalized: case and inner whitespace ignored
+    # normalized: case and inner whitespace ignored; the truncated answer holds the input only as
+    # its "original_sentence", which is no copy
+    assert m["copy_rate"] == 1 / 5
     assert m["gold_match_rate"] == 2 / 5  # the recovered Python dict still carries its negation
     assert m["recovered_python_dict_rate"] == 1 / 5
     assert m["eos_stop_rate"] == 3 / 5
@@ -109,6 +111,22 @@ def test_metric_definitions():
 
     hyps = [p.output or "" for p in parsed]
     assert m["chrf"] == round(sacrebleu.corpus_chrf(hyps, [[gold] * 5]).score, 2)
+
+
+def test_copy_rate_counts_prose_that_repeats_the_input():
+    """A model that never writes JSON but answers with its input must not score a perfect copy_rate."""
+    cfg = PromptConfig()
+    src = "Two men are playing chess."
+    answers = ['The original sentence is "Two men are playing chess."',       # repeats it: copy
+               "two MEN are playing   chess.",                              # the input itself: copy
+               "Nobody is playing a game.",                                 # a negation in prose: no copy
+               '{"original_sentence": "Two men are playing chess.", "neg',  # truncated echo: no copy
+               '{"original_sentence": "Two men are playing chess.", "negation": "Two men are playing chess."}']
+    records = [{"source": src, "target": "x"}] * len(answers)
+    generations = [Generation(text, 10, True) for text in answers]
+    parsed = [parse_response(g.text, cfg) for g in generations]
+    m = score(records, generations, parsed, GenerationStats(seconds=1.0, new_tokens=0, batches=1))
+    assert m["copy_rate"] == 3 / 5
 
 
 def test_report_renders_without_base_and_without_loss(tmp_path):
