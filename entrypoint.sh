@@ -6,7 +6,8 @@
 #                                                   the artifacts are copied to /opt/ml/model
 #   IMAGE serve           ->  exit 2: this image trains; it does not serve endpoints
 #
-# Exit codes are the job's own (0, 1, 2, 3, and 75 after a preemption checkpoint), unchanged.
+# Exit codes are the job's own (0, 1, 2, 3, 4 when another job holds the run, and 75 after a
+# preemption checkpoint), unchanged.
 # Paths can be moved for tests: SM_ROOT (default /opt/ml), RUNPOD_WORKSPACE (default /workspace).
 # Variables named JOB_* are the job's configuration (every one of them is parsed as a config key),
 # so this script only ever sets the ones the job knows.
@@ -111,6 +112,7 @@ write_failure() {
     case "$rc" in
         2) header+=" (bad configuration or input)" ;;
         3) header+=" (storage or access failure)" ;;
+        4) header+=" (another job holds this run's lease)" ;;
         75) header+=" (stopped by SIGTERM after a checkpoint; safe to restart)" ;;
     esac
     local budget=$((FAILURE_LIMIT - ${#header} - 2))

@@ -98,6 +98,8 @@ class StorageConfig:
     """Parallel parts and files per transfer."""
     multipart_chunk_mb: int = 64
     """Files above this size go up and down in parts of this size."""
+    lease_seconds: int = 120
+    """Lease on run_uri (_lease.json) that keeps a second job out; renewed every third of this. A second job exits 4 once it sees the holder renew, or takes over when it was not renewed this long (at once on the same machine when the holder's process is gone)."""
     access_key_id: str = secret("", "Access key; prefer the AWS_* environment variables or a role.")
     secret_access_key: str = secret("", "Secret key; prefer the AWS_* environment variables or a role.")
     session_token: str = secret("", "Session token, if the key is temporary.")
@@ -455,6 +457,9 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append("data.source_column and data.target_column: must name different columns")
     if cfg.prompt.original_key == cfg.prompt.output_key:
         problems.append("prompt.original_key and prompt.output_key: must differ")
+    if cfg.storage.lease_seconds < 3:
+        problems.append(f"storage.lease_seconds: must be at least 3 (it is renewed every third), "
+                        f"got {cfg.storage.lease_seconds}")
     return problems
 
 

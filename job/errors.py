@@ -4,6 +4,7 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
+EXIT_LOCKED = 4  # another job holds this run's lease (job/lease.py)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint was uploaded; safe to rerun
 
 
@@ -39,6 +40,14 @@ class Preempted(JobError):
     """SIGTERM arrived; a checkpoint was saved and uploaded, so a rerun continues from it."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class RunLocked(JobError):
+    """Another job holds the run's lease (it writes this run_uri), or took it over from this one.
+
+    The message names the run, the holder and when its lease expires, and what to do."""
+
+    exit_code = EXIT_LOCKED
 
 
 class StaleStageError(ConfigError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from job.config import Config, to_yaml
+from job.lease import Lease
 from job.pipeline import Pipeline
 from job.platform import StopRequest, detect, work_dir
 from job.stages import all_stages, storage_options
@@ -22,9 +23,13 @@ def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> di
     stop = StopRequest().install()
     try:
         pipeline = pipeline_for(cfg, stop)
-        log.info("run %s on %s: stages %s%s", cfg.run_uri, detect(), ",".join(stages),
-                 f" (forcing {force})" if force else "")
-        pipeline.store.write_text("config.yaml", to_yaml(cfg))
-        return pipeline.run(stages, force)
+        # One writer per run_uri: the lease is taken before anything is written, renewed while the
+        # stages run and released at the end; once lost, every write fails and the job exits 4.
+        with Lease(pipeline.store, cfg.storage.lease_seconds, stop) as lease:
+            pipeline.store = lease.guard(pipeline.store)
+            log.info("run %s on %s: stages %s%s", cfg.run_uri, detect(), ",".join(stages),
+                     f" (forcing {force})" if force else "")
+            pipeline.store.write_text("config.yaml", to_yaml(cfg))
+            return pipeline.run(stages, force)
     finally:
         stop.uninstall()

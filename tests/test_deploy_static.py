@@ -56,6 +56,8 @@ def test_pod_failure_policy(rendered):
     assert [75] in [r["onExitCodes"]["values"] for r in ignored if "onExitCodes" in r]
     assert {"type": "DisruptionTarget", "status": "True"} in [c for r in ignored for c in r.get("onPodConditions", [])]
     assert all(r["onExitCodes"]["containerName"] == "job" for r in rules if "onExitCodes" in r)
+    # Exit 4 (run locked by another job's lease) has no rule: an ordinary failure, with backoff.
+    assert all(4 not in r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r)
 
 
 def test_single_gpu_and_scheduling(rendered):

@@ -144,7 +144,7 @@ def test_passthrough_execs_so_the_job_replaces_the_shell(sandbox):
     assert sandbox.record()["pid"] == proc.pid
 
 
-@pytest.mark.parametrize("code", [1, 2, 3, 75])
+@pytest.mark.parametrize("code", [1, 2, 3, 4, 75])
 def test_passthrough_exit_codes_unchanged(sandbox, code):
     assert sandbox.run("run", FAKE_JOB_EXIT=str(code)).returncode == code
 
@@ -237,6 +237,7 @@ def test_sagemaker_success_copies_artifacts_to_model_dir(sandbox):
 
 @pytest.mark.parametrize("code, meaning", [(1, ""), (2, " (bad configuration or input)"),
                                            (3, " (storage or access failure)"),
+                                           (4, " (another job holds this run's lease)"),
                                            (75, " (stopped by SIGTERM after a checkpoint; safe to restart)")])
 def test_sagemaker_failure_writes_reason_and_keeps_exit_code(sandbox, code, meaning):
     result = sandbox.run("train", FAKE_JOB_EXIT=str(code), FAKE_JOB_ARTIFACTS="1",
