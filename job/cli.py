@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -42,9 +45,10 @@ def cli(verbose):
     Every stage reads and writes under run_uri (a folder or s3://bucket/prefix), skips work that is
     already done, and resumes training from the last uploaded checkpoint.
     """
-    from job.logs import setup_logging
+    from job.logs import add_secret_filter, setup_logging
 
     setup_logging(logging.DEBUG if verbose else logging.INFO)
+    add_secret_filter(None)  # the environment's credentials, until the config's own secrets are known
 
 
 def _run_stages(config_file, assignments, stages, force):
@@ -161,20 +165,38 @@ def predict(config_file, assignments, model_uri, adapter_uri, input_file, column
 
 def main(argv=None):
     """Entry point: map the job's errors to their documented exit codes."""
+    sys.exit(_record_exit_code(_main(argv)))
+
+
+def _main(argv) -> int:
     try:
         cli.main(args=argv, prog_name="job", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
+        from job.logs import mask_usage_error
+
+        exc.message = mask_usage_error(exc.message, list(sys.argv[1:] if argv is None else argv))
         exc.show()
-        sys.exit(2)  # usage errors are bad input too
+        return 2  # usage errors are bad input too
     except JobError as exc:
         log.error("%s", exc)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
     except Exception:  # noqa: BLE001 - the last resort: log the traceback, exit 1
         log.error("unexpected error:\n%s", traceback.format_exc())
-        sys.exit(EXIT_UNEXPECTED)
-    sys.exit(0)
+        return EXIT_UNEXPECTED
+    return 0
+
+
+def _record_exit_code(code: int) -> int:
+    """torchrun reports any failed process as exit 1, which would hide 75 (preempted, rerun) and 2
+    (bad input, do not rerun) from Kubernetes and SageMaker. With JOB_EXIT_CODE_FILE set (the image's
+    entry point sets it in multi-GPU mode), rank 0 writes its exit code there for the launcher."""
+    path = os.environ.get("JOB_EXIT_CODE_FILE")
+    if path and os.environ.get("RANK", "0") == "0":
+        with contextlib.suppress(OSError):
+            Path(path).write_text(f"{code}\n")
+    return code

@@ -144,7 +144,7 @@ class TrainConfig:
     micro_batch_size: Union[int, str] = "auto"
     """Sequences per device per step ("auto": chosen from free GPU memory)."""
     gradient_accumulation: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step, per GPU: the effective batch is micro batch x this x GPUs."""
     max_seq_length: int = 512
     """Longer examples are dropped and counted in the metrics (never silently truncated)."""
     packing: bool = True
@@ -167,6 +167,8 @@ class TrainConfig:
     """Upload checkpoints while training continues."""
     dataloader_workers: int = 0
     """Worker processes feeding batches (data is pre-tokenized, so 0 is usually enough)."""
+    distributed_timeout_minutes: float = 60.0
+    """Multi-GPU runs: how long a GPU process waits for the others (covers rank 0's format stage and model download)."""
 
 
 @dataclass
@@ -224,6 +226,11 @@ class Config:
 
 
 SECTIONS = {f.name for f in dataclasses.fields(Config) if f.name != "run_uri"}
+# Dotted names of the secret fields ("storage.secret_access_key", ...). Their values are taken
+# literally from the environment, --set and hyperparameters (YAML would turn 0123 into 83 or cut a
+# "#..." tail off), and a problem with one never shows its value.
+SECRET_KEYS = frozenset(f"{name}.{f.name}" for name in SECTIONS
+                        for f in dataclasses.fields(getattr(Config(), name)) if f.metadata.get("secret"))
 REQUIRED = ("run_uri", "data.uri", "model.uri")
 ENV_PREFIX = "JOB_"
 SAGEMAKER_HYPERPARAMETERS = "/opt/ml/input/config/hyperparameters.json"
@@ -253,7 +260,10 @@ def _file_layer(path: str, problems: list) -> dict:
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        problems.append(f"--config {path}: not valid YAML ({exc})")
+        # Not str(exc): PyYAML quotes the offending lines, which may be the secret_access_key line.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"--config {path}: not valid YAML{where}: {getattr(exc, 'problem', None) or 'parse error'}")
         return {}
     if not isinstance(tree, dict):
         problems.append(f"--config {path}: the top level must be a mapping of sections")
@@ -270,7 +280,8 @@ def _hyperparameters_layer(path: str, problems: list) -> dict:
     except (OSError, ValueError) as exc:
         problems.append(f"{path}: not valid JSON ({exc})")
         return {}
-    return {key: (_parse_scalar(value) if isinstance(value, str) else value, path) for key, value in tree.items()
+    return {key: (_parse_scalar(value) if isinstance(value, str) and key not in SECRET_KEYS else value, path)
+            for key, value in tree.items()
             # SageMaker adds its own sagemaker_* entries for script mode: not ours.
             if not key.startswith("sagemaker_")}
 
@@ -278,11 +289,11 @@ def _hyperparameters_layer(path: str, problems: list) -> dict:
 def _env_layer(environ: dict) -> dict:
     flat = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("JOB_CACHE_DIR", "JOB_NPROC"):
+        if not name.startswith(ENV_PREFIX) or name in ("JOB_CACHE_DIR", "JOB_NPROC", "JOB_EXIT_CODE_FILE"):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         dotted = rest.replace("__", ".", 1) if "__" in rest else rest
-        flat[dotted] = (_parse_scalar(value), f"environment variable {name}")
+        flat[dotted] = (value if dotted in SECRET_KEYS else _parse_scalar(value), f"environment variable {name}")
     return flat
 
 
@@ -293,7 +304,8 @@ def _set_layer(assignments: tuple, problems: list) -> dict:
             problems.append(f"--set {item}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
             continue
         key, value = item.split("=", 1)
-        flat[key.strip()] = (_parse_scalar(value), f"--set {key.strip()}")
+        key = key.strip()
+        flat[key] = (value if key in SECRET_KEYS else _parse_scalar(value), f"--set {key}")
     return flat
 
 
@@ -419,6 +431,15 @@ def _assign(cfg: Config, dotted: str, value: Any, source: str, problems: list) -
         hint = f"; did you mean {', '.join(sorted(close))}?" if close else ""
         problems.append(f"{dotted}: unknown key (from {source}){hint}")
         return
+    if dotted in SECRET_KEYS:
+        # A secret is a string; a number here is YAML's reading of an unquoted key (0123 -> 83) and would
+        # be sent mangled. The value is never shown.
+        if isinstance(value, str):
+            setattr(section, name, value)
+        else:
+            problems.append(f"{dotted}: expected a string (quote it in YAML), got {type(value).__name__}; "
+                            f"value not shown, it is a secret (from {source})")
+        return
     try:
         setattr(section, name, _coerce(value, _field_types(type(section))[name]))
     except TypeError as exc:
@@ -440,7 +461,8 @@ def _check_values(cfg: Config) -> list[str]:
             problems.append(f"{key}: must be one of {', '.join(choices)}, got {get_key(cfg, key)!r}")
     for key in ("data.eval_size", "train.lora_r", "train.gradient_accumulation", "train.max_seq_length",
                 "evaluate.max_new_tokens", "evaluate.batch_size", "train.keep_checkpoints",
-                "storage.max_attempts", "storage.max_concurrency", "storage.multipart_chunk_mb"):
+                "storage.max_attempts", "storage.max_concurrency", "storage.multipart_chunk_mb",
+                "train.distributed_timeout_minutes"):
         value = get_key(cfg, key)
         if value < (0 if key == "data.eval_size" else 1):
             problems.append(f"{key}: must be {'>= 0' if key == 'data.eval_size' else 'positive'}, got {value}")
@@ -451,6 +473,10 @@ def _check_values(cfg: Config) -> list[str]:
     if isinstance(cfg.train.gradient_checkpointing, str) and cfg.train.gradient_checkpointing != "auto":
         problems.append(f"train.gradient_checkpointing: must be true, false or \"auto\", "
                         f"got {cfg.train.gradient_checkpointing!r}")
+    if cfg.evaluate.max_examples is not None and cfg.evaluate.max_examples < 1:
+        problems.append(f"evaluate.max_examples: must be positive (or null for all), got {cfg.evaluate.max_examples}")
+    if cfg.evaluate.temperature <= 0:
+        problems.append(f"evaluate.temperature: must be positive, got {cfg.evaluate.temperature}")
     if not 0 <= cfg.train.lora_dropout < 1:
         problems.append(f"train.lora_dropout: must be in [0, 1), got {cfg.train.lora_dropout}")
     if cfg.data.source_column == cfg.data.target_column:
@@ -460,7 +486,33 @@ def _check_values(cfg: Config) -> list[str]:
     if cfg.storage.lease_seconds < 3:
         problems.append(f"storage.lease_seconds: must be at least 3 (it is renewed every third), "
                         f"got {cfg.storage.lease_seconds}")
+    problems.extend(_check_uris(cfg))
     return problems
+
+
+def _check_uris(cfg: Config) -> list[str]:
+    """URIs the storage layer understands: a path, file://, s3:// (and http(s):// for the endpoint).
+    Anything else would be taken for a local path and fail later with a confusing "no such file"."""
+    problems = []
+    for key in ("run_uri", "data.uri", "model.uri"):
+        value = get_key(cfg, key)
+        scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", value)
+        if scheme and scheme.group(1) not in ("s3", "file"):
+            problems.append(f"{key}: {scheme.group(1)}:// URLs are not supported ({_mask_userinfo(value)}); use a "
+                            f"local path, file://PATH or s3://bucket/{'key' if key == 'data.uri' else 'prefix'}")
+    endpoint = cfg.storage.endpoint_url
+    if endpoint and not re.match(r"https?://[^/\s]", endpoint):
+        # botocore would raise a ValueError quoting the whole value (exit 1, a traceback, any password in it).
+        problems.append(f"storage.endpoint_url: must start with http:// or https://, got {_mask_userinfo(endpoint)!r}")
+    return problems
+
+
+def _mask_userinfo(url: str) -> str:
+    """redact_text, also for a URL written without its scheme (user:pass@host:9000)."""
+    masked = redact_text(url)
+    if "://" not in masked and "@" in masked.split("/", 1)[0]:
+        masked = f"{REDACTED}@{masked.split('@', 1)[1]}"
+    return masked
 
 
 def get_key(cfg: Config, dotted: str) -> Any:
@@ -494,13 +546,17 @@ def redact_text(text: str) -> str:
 
 
 def secret_values(cfg: Config) -> list[str]:
-    """Every secret the config holds, so a log filter can mask them wherever they appear."""
-    values = []
-    for section in (cfg.storage,):
-        for f in dataclasses.fields(section):
-            if f.metadata.get("secret") and getattr(section, f.name):
-                values.append(getattr(section, f.name))
-    return values
+    """Every secret the config holds, so a log filter can mask them wherever they appear: the secret
+    fields, and the user:password part of any URL-like value (also where a message quotes it without
+    its scheme)."""
+    values = [get_key(cfg, key) for key in sorted(SECRET_KEYS) if get_key(cfg, key)]
+    for key in ("run_uri", "data.uri", "model.uri", "storage.endpoint_url"):
+        optional = "?" if key == "storage.endpoint_url" else ""  # paths may hold an '@'; an endpoint is a host
+        userinfo = re.match(rf"(?:[a-zA-Z][a-zA-Z0-9+.-]*://){optional}([^/@\s]+)@", get_key(cfg, key))
+        if userinfo:
+            values.append(userinfo.group(1))
+            values.append(userinfo.group(1).partition(":")[2])  # the password alone
+    return [v for v in values if v]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -52,3 +52,12 @@ class RunLocked(JobError):
 
 class StaleStageError(ConfigError):
     """A stage's stored result was made with other settings; rerun with --force STAGE."""
+
+
+class MainProcessFailed(JobError):
+    """A multi-GPU run's rank 0 stopped with an error before or instead of training: the other ranks
+    end with the same exit code, so whichever process a platform looks at tells the same story."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -6,6 +6,11 @@ finishes, `_stages/<stage>.json` is written last (after every output), so a mark
 When a stage starts, `_stages/<stage>.started.json` records the fingerprint: partial outputs (train
 checkpoints) are reused by a rerun with the same settings and refused, naming the changed keys,
 when the settings differ, unless the user forces the stage.
+
+In a multi-GPU run (job/distributed.py) only rank 0 runs the pipeline: it decides, runs the
+single-process stages and writes every marker. A stage declared `all_ranks` (train) runs on every
+rank: rank 0 sends the other ranks, which wait in `follow()`, the stage's name and fingerprint just
+before it starts, and a stop word as soon as no such stage is left (or when it fails first).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import job
+from job import distributed
 from job.config import Config, get_key, redact_text, to_dict
-from job.errors import ConfigError, Preempted, StaleStageError
+from job.distributed import SINGLE, Ranks
+from job.errors import ConfigError, JobError, MainProcessFailed, Preempted, StaleStageError
 from job.storage import Store
 
 log = logging.getLogger("job.pipeline")
@@ -42,6 +49,8 @@ class Stage:
     """Paths under run_uri this stage writes (cleared when it is rerun with other settings)."""
     enabled: Callable[[Config], bool] = lambda cfg: True
     disabled_reason: str = ""
+    all_ranks: bool = False
+    """Runs on every process of a multi-GPU run (data-parallel training), not on rank 0 alone."""
 
 
 @dataclass
@@ -56,6 +65,8 @@ class Context:
     log: logging.Logger = log
     stop: Optional[object] = None
     """A job.platform.StopRequest the train stage polls (SIGTERM -> checkpoint -> exit 75)."""
+    ranks: Ranks = SINGLE
+    """This process's place in a multi-GPU run; only `ranks.is_main` may write to the store."""
 
 
 @dataclass
@@ -86,8 +97,11 @@ def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str]) -> str:
 
 
 class Pipeline:
-    def __init__(self, stages: list[Stage], cfg: Config, store: Store, work_dir: Path, stop=None):
+    def __init__(self, stages: list[Stage], cfg: Config, store: Store, work_dir: Path, stop=None,
+                 ranks: Ranks = SINGLE):
         self.stop = stop
+        self.ranks = ranks
+        self._followers_waiting = ranks.distributed
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
         self.cfg = cfg
@@ -153,7 +167,15 @@ class Pipeline:
 
     def run(self, selected: Optional[list[str]] = None, force: Optional[str] = None) -> dict[str, dict]:
         """Run the selected stages in order (all by default). Returns name -> marker."""
-        selected = list(selected or self.order)
+        try:
+            return self._run(list(selected or self.order), force)
+        except BaseException as exc:
+            self.release_followers(exc)
+            raise
+        finally:
+            self.release_followers()
+
+    def _run(self, selected: list[str], force: Optional[str]) -> dict[str, dict]:
         for name in selected + ([force] if force else []):
             if name not in self.stages:
                 raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(self.order)}")
@@ -162,10 +184,14 @@ class Pipeline:
             # results were built on what is about to be replaced.
             for name in self.order[self.order.index(force):]:
                 self._clear(self.stages[name])
+        return self._run_selected(selected)
 
+    def _run_selected(self, selected: list[str]) -> dict[str, dict]:
         results: dict[str, dict] = {}
         statuses = {s.stage: s for s in self.status()}
-        for name in self.order:
+        for index, name in enumerate(self.order):
+            if not any(self.stages[n].all_ranks for n in self.order[index:] if n in selected):
+                self.release_followers()  # nothing left for them: they end while rank 0 goes on
             stage, status = self.stages[name], statuses[name]
             if status.state == "disabled":
                 if name in selected:
@@ -193,6 +219,32 @@ class Pipeline:
             statuses = {s.stage: s for s in self.status()}  # downstream fingerprints depend on this one
         return results
 
+    # -- the other ranks of a multi-GPU run ------------------------------------------------------
+
+    def follow(self) -> None:
+        """Ranks other than 0: run the all-ranks stages rank 0 announces, until it says stop."""
+        while True:
+            word = distributed.broadcast(None)
+            if "exit_code" in word:
+                if word["exit_code"]:
+                    raise MainProcessFailed(word["message"], word["exit_code"])
+                return
+            stage = self.stages[word["stage"]]
+            work_dir = self.work_dir / stage.name
+            work_dir.mkdir(parents=True, exist_ok=True)
+            log.info("stage %s: running on %s (fingerprint %s)", stage.name, self.ranks, word["fingerprint"])
+            ctx = Context(store=self.store, work_dir=work_dir, fingerprint=word["fingerprint"],
+                          upstream=word["upstream"], log=logging.getLogger(f"job.{stage.name}"), stop=self.stop,
+                          ranks=self.ranks)
+            stage.run(self.cfg, ctx)
+
+    def release_followers(self, error: Optional[BaseException] = None) -> None:
+        """Rank 0: tell the waiting ranks to end, with rank 0's exit code when it failed (once)."""
+        if self._followers_waiting:
+            self._followers_waiting = False
+            code = (error.exit_code if isinstance(error, JobError) else 1) if error is not None else 0
+            distributed.broadcast({"exit_code": code, "message": f"rank 0 stopped: {error}" if error else ""})
+
     def _clear(self, stage: Stage) -> None:
         if self.marker(stage.name) is None and self.marker(stage.name, ".started") is None:
             return
@@ -215,8 +267,18 @@ class Pipeline:
         log.info("stage %s: running (fingerprint %s)", stage.name, fp)
         t0, started_at = time.monotonic(), _now()
         ctx = Context(store=self.store, work_dir=work_dir, fingerprint=fp, upstream=upstream_markers,
-                      log=logging.getLogger(f"job.{stage.name}"), stop=self.stop)
-        metrics = stage.run(self.cfg, ctx) or {}
+                      log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
+        if stage.all_ranks and self._followers_waiting:
+            distributed.broadcast({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers})
+            try:
+                metrics = stage.run(self.cfg, ctx) or {}
+            except BaseException:
+                # The others are inside the same stage: they stop with it (SIGTERM reaches every rank
+                # through the stop flag) or the launcher ends them; they no longer wait for a word.
+                self._followers_waiting = False
+                raise
+        else:
+            metrics = stage.run(self.cfg, ctx) or {}
         record.update(started_at=started_at, finished_at=_now(),
                       seconds=round(time.monotonic() - t0, 3), metrics=metrics)
         self._write_marker(stage.name, record)  # last: the marker is the proof of completion

@@ -73,6 +73,15 @@ class StopRequest:
     def is_set(self) -> bool:
         return self.event.is_set()
 
+    def set_from_peer(self) -> None:
+        """Another process of a multi-GPU run got the SIGTERM: this one stops the same way."""
+        import time
+
+        if not self.event.is_set():
+            self.received_at = time.monotonic()
+            log.warning("another GPU process received SIGTERM: saving a checkpoint with it, then stopping")
+        self.event.set()
+
     def uninstall(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)

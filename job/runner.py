@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from job import distributed
 from job.config import Config, to_yaml
+from job.distributed import SINGLE, Ranks
 from job.lease import Lease
 from job.pipeline import Pipeline
 from job.platform import StopRequest, detect, work_dir
@@ -14,22 +16,35 @@ from job.storage import open_store
 log = logging.getLogger("job")
 
 
-def pipeline_for(cfg: Config, stop=None) -> Pipeline:
+def pipeline_for(cfg: Config, stop=None, ranks: Ranks = SINGLE) -> Pipeline:
     store = open_store(cfg.run_uri, **storage_options(cfg))
-    return Pipeline(all_stages(), cfg, store, work_dir(cfg), stop=stop)
+    return Pipeline(all_stages(), cfg, store, work_dir(cfg), stop=stop, ranks=ranks)
 
 
 def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> dict:
+    """Run the stages. Under torchrun/accelerate (several processes), rank 0 runs the pipeline and
+    the other ranks join it for training only (job/distributed.py)."""
+    ranks = distributed.setup(cfg.train.distributed_timeout_minutes)
+    if not ranks.is_main:
+        logging.getLogger("job").setLevel(logging.WARNING)  # rank 0 tells the story; others report problems
     stop = StopRequest().install()
     try:
-        pipeline = pipeline_for(cfg, stop)
-        # One writer per run_uri: the lease is taken before anything is written, renewed while the
-        # stages run and released at the end; once lost, every write fails and the job exits 4.
-        with Lease(pipeline.store, cfg.storage.lease_seconds, stop) as lease:
-            pipeline.store = lease.guard(pipeline.store)
-            log.info("run %s on %s: stages %s%s", cfg.run_uri, detect(), ",".join(stages),
-                     f" (forcing {force})" if force else "")
-            pipeline.store.write_text("config.yaml", to_yaml(cfg))
-            return pipeline.run(stages, force)
+        pipeline = pipeline_for(cfg, stop, ranks)
+        if not ranks.is_main:
+            pipeline.follow()
+            return {}
+        try:
+            # One writer per run_uri: the lease is taken before anything is written, renewed while the
+            # stages run and released at the end; once lost, every write fails and the job exits 4.
+            with Lease(pipeline.store, cfg.storage.lease_seconds, stop) as lease:
+                pipeline.store = lease.guard(pipeline.store)
+                log.info("run %s on %s: stages %s%s%s", cfg.run_uri, detect(), ",".join(stages),
+                         f" (forcing {force})" if force else "",
+                         f", {ranks.world_size} processes" if ranks.distributed else "")
+                pipeline.store.write_text("config.yaml", to_yaml(cfg))
+                return pipeline.run(stages, force)
+        except BaseException as exc:
+            pipeline.release_followers(exc)  # once: a no-op when pipeline.run told them already
+            raise
     finally:
         stop.uninstall()

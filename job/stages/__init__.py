@@ -20,7 +20,8 @@ def storage_options(cfg: Config) -> dict:
 
 # How often to log or checkpoint changes nothing in the adapter: changing them keeps a run resumable.
 OPERATIONAL_TRAIN_KEYS = ("train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints",
-                          "train.background_upload", "train.logging_steps", "train.dataloader_workers")
+                          "train.background_upload", "train.logging_steps", "train.dataloader_workers",
+                          "train.distributed_timeout_minutes")
 
 # Where the merge runs, how its files are sharded and how strictly it is checked leave the weights as they are.
 OPERATIONAL_MERGE_KEYS = ("merge.device", "merge.max_shard_size", "merge.check_prompts", "merge.tolerance")
@@ -43,7 +44,8 @@ def all_stages() -> list[Stage]:
         Stage("format", _lazy("format"), config_keys=("data", "prompt"), outputs=("data",)),
         # storage settings and cache folders change where bytes travel, not the result: not in the keys.
         Stage("train", _lazy("train"), config_keys=("model.uri", "model.attn_implementation", "train"),
-              ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=("adapter", "checkpoints", "tensorboard")),
+              ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=("adapter", "checkpoints", "tensorboard"),
+              all_ranks=True),  # data-parallel: every GPU process of a multi-GPU run trains
         # The merged weights depend on the adapter (train) and merge.dtype only.
         Stage("merge", _lazy("merge"), config_keys=("merge",), ignore=OPERATIONAL_MERGE_KEYS, needs=("train",),
               outputs=("merged",), enabled=lambda c: c.merge.enabled, disabled_reason="merge.enabled: false"),

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from job import distributed
+from job.distributed import SINGLE, Ranks
+from job.errors import InputError
+from job.model import safetensors_problem
 from job.storage import Store
 
 PREFIX = "checkpoints"
@@ -34,30 +39,144 @@ class ResumePoint:
     settings: dict
     """Micro-batch size, packing length, checkpointing the run was started with: a resume keeps
     them even on another card, so the data position and the effective batch stay the same."""
+    processes: int = 1
+    """How many GPU processes trained up to this checkpoint."""
 
 
-def find_resume_checkpoint(store: Store, fingerprint: str, local_root: Path, log: logging.Logger) -> Optional[ResumePoint]:
-    """Download the checkpoint LATEST points to (if any) into a fresh local folder."""
+def find_resume_checkpoint(store: Store, fingerprint: str, local_root: Path, log: logging.Logger,
+                           ranks: Ranks = SINGLE) -> Optional[ResumePoint]:
+    """Download the checkpoint LATEST points to (if any) into a fresh local folder.
+
+    In a multi-GPU run the first process of each machine downloads it and the others read the same
+    folder once it is there; LATEST cannot move meanwhile (only this run's rank 0 writes it)."""
+    if not ranks.is_local_main:
+        distributed.barrier()
+        return _read_resume_point(store, fingerprint, local_root)
+    try:
+        return _download_resume_point(store, fingerprint, local_root, log)
+    finally:
+        if ranks.distributed:
+            distributed.barrier()
+
+
+def _read_resume_point(store: Store, fingerprint: str, local_root: Path) -> Optional[ResumePoint]:
     if not store.exists(LATEST):
         return None
     latest = json.loads(store.read_text(LATEST))
     if latest.get("fingerprint") != fingerprint:
+        return None
+    # The machine's first process downloaded one checkpoint here: LATEST's, or an older one (see below).
+    local = next(local_root.glob("checkpoint-*"))
+    state = json.loads((local / "trainer_state.json").read_text())
+    return ResumePoint(step=int(state["global_step"]), path=local, tokens_seen=int(state.get("num_input_tokens_seen", 0)),
+                       settings=latest.get("settings", {}), processes=int(latest.get("processes", 1)))
+
+
+def _download_resume_point(store: Store, fingerprint: str, local_root: Path, log: logging.Logger) -> Optional[ResumePoint]:
+    if not store.exists(LATEST):
+        return None
+    latest = _read_latest(store)
+    if latest.get("fingerprint") != fingerprint:
         log.warning("checkpoints/LATEST was made with other settings (fingerprint %s, now %s): starting over",
                     latest.get("fingerprint"), fingerprint)
         return None
-    name = latest["checkpoint"]
     shutil.rmtree(local_root, ignore_errors=True)
-    local = local_root / name
     t0 = time.monotonic()
-    files = store.download_dir(f"{PREFIX}/{name}", local)
-    missing = sorted(set(latest.get("files", [])) - set(files))
-    if missing:
-        raise RuntimeError(f"checkpoint {store.uri_of(PREFIX + '/' + name)} lacks {missing} listed in LATEST")
-    state = json.loads((local / "trainer_state.json").read_text())
+    name, local, state = _download_usable_checkpoint(store, latest, local_root, log)
     log.info("resuming from %s (step %d), downloaded in %.1f s", store.uri_of(f"{PREFIX}/{name}"),
-             latest["step"], time.monotonic() - t0)
-    return ResumePoint(step=int(latest["step"]), path=local, tokens_seen=int(state.get("num_input_tokens_seen", 0)),
-                       settings=latest.get("settings", {}))
+             state["global_step"], time.monotonic() - t0)
+    return ResumePoint(step=int(state["global_step"]), path=local, tokens_seen=int(state.get("num_input_tokens_seen", 0)),
+                       settings=latest.get("settings", {}), processes=int(latest.get("processes", 1)))
+
+
+# -- a damaged checkpoint --------------------------------------------------------------------------
+#
+# LATEST is published only after every file of its checkpoint was uploaded, and downloads are verified
+# against the stored object, so a checkpoint LATEST names can only be unusable when the store was
+# changed behind the job's back: a lifecycle rule or a person deleted files, or a copy of the run was
+# synced file by file (SageMaker's /opt/ml/checkpoints sync can restore LATEST without the files it
+# names after a spot interruption). Then the job resumes from the newest older checkpoint that is
+# complete, with a warning: that is exactly the state a preemption right after that checkpoint would
+# have left (optimizer, scheduler, RNG and data position all come from it), so nothing is mixed, and
+# only the steps since then are redone. Starting over silently would throw away the whole run, and a
+# traceback would help nobody; when no checkpoint is usable the job stops with exit 2 and says how to
+# go on (--force train).
+
+
+def _read_latest(store: Store) -> dict:
+    try:
+        latest = json.loads(store.read_text(LATEST))
+        if not isinstance(latest, dict) or not isinstance(latest.get("checkpoint"), str):
+            raise ValueError("no checkpoint name")
+        return latest
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(
+            f"{store.uri_of(LATEST)} is damaged ({exc}); it is written in one piece, so it was changed "
+            "outside the job. Rerun with --force train to start training over (this deletes checkpoints/), "
+            "or restore the file") from None
+
+
+def _download_usable_checkpoint(store: Store, latest: dict, local_root: Path,
+                                log: logging.Logger) -> tuple[str, Path, dict]:
+    """(name, local folder, trainer state) of LATEST's checkpoint, or else of the newest older
+    checkpoint in storage that is complete; InputError (exit 2) when none is."""
+    name = latest["checkpoint"]
+    listed = set(latest.get("files", []))
+    older = sorted({p.split("/", 1)[0] for p in store.list(PREFIX) if p.startswith("checkpoint-")},
+                   key=_step_of, reverse=True)
+    problems = []
+    for candidate in [name] + [n for n in older if _step_of(n) < _step_of(name)]:
+        # Every checkpoint of a run holds the files LATEST lists, but for the RNG states (one per GPU).
+        required = listed if candidate == name else {f for f in listed if not f.startswith("rng_state")}
+        files = set(store.list(f"{PREFIX}/{candidate}"))
+        problem = ("no files" if not files else
+                   f"missing {', '.join(sorted(required - files))}" if required - files else None)
+        local = local_root / candidate
+        if problem is None:
+            store.download_dir(f"{PREFIX}/{candidate}", local)
+            problem = checkpoint_problem(local, _step_of(candidate))
+        if problem is None:
+            if problems:
+                log.warning("%s: resuming from the older checkpoint %s instead; the steps after it are trained "
+                            "again", problems[0], store.uri_of(f"{PREFIX}/{candidate}"))
+            return candidate, local, json.loads((local / "trainer_state.json").read_text())
+        problems.append(f"checkpoint {store.uri_of(f'{PREFIX}/{candidate}')} is unusable ({problem})")
+        shutil.rmtree(local, ignore_errors=True)
+    raise InputError(f"cannot resume training from {store.uri_of(LATEST)}: {'; '.join(problems)}, and no older "
+                     "checkpoint is complete. Rerun with --force train to start training over (this deletes "
+                     "checkpoints/), or restore the checkpoint's files")
+
+
+def _step_of(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_problem(folder: Path, step: int) -> Optional[str]:
+    """What is wrong with a downloaded checkpoint folder, or None. Cheap structural checks that catch
+    truncated or overwritten files before the Trainer fails deep inside torch.load: the JSON files
+    parse, trainer_state.json is at the folder's step, every safetensors file is as long as its header
+    says, and every torch.save file (a zip archive) passes its CRC check."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json unreadable ({type(exc).__name__})"
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return f"trainer_state.json is not at step {step}"
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors" and safetensors_problem(path):
+                return f"{rel} {safetensors_problem(path)}"
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:  # torch.save writes a zip archive
+                    if archive.testzip() is not None:
+                        return f"{rel} fails its CRC check"
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, MemoryError) as exc:
+            return f"{rel} is damaged ({type(exc).__name__})"
+    return None
 
 
 class CheckpointSync(TrainerCallback):
@@ -70,8 +189,9 @@ class CheckpointSync(TrainerCallback):
     """
 
     def __init__(self, store: Store, fingerprint: str, keep: int, every_minutes: float, background: bool,
-                 stop, tensorboard_dir: Path, log: logging.Logger, settings: dict):
+                 stop, tensorboard_dir: Path, log: logging.Logger, settings: dict, ranks: Ranks = SINGLE):
         self.store, self.fingerprint, self.keep, self.settings = store, fingerprint, keep, settings
+        self.ranks = ranks
         self.every_seconds = every_minutes * 60
         self.stop, self.tensorboard_dir, self.log = stop, tensorboard_dir, log
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload") if background else None
@@ -83,10 +203,17 @@ class CheckpointSync(TrainerCallback):
     # -- trainer events ------------------------------------------------------------------------
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop is not None and self.stop.is_set():
+        stop_now = self.stop is not None and self.stop.is_set()
+        time_due = self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds
+        # Every rank must take the same decision (a SIGTERM may reach only one of them, clocks drift):
+        # one tiny all-reduce per step; nothing in a single-process run.
+        stop_now, time_due = distributed.any_rank(stop_now, time_due)
+        if stop_now:
+            if self.stop is not None and not self.stop.is_set():
+                self.stop.set_from_peer()
             control.should_save = True
             control.should_training_stop = True
-        elif self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds:
+        elif time_due:
             control.should_save = True
         elif state.max_steps > 0 and state.global_step >= state.max_steps:
             # The last step is checkpointed too: a kill during the adapter upload then costs no training.
@@ -95,6 +222,10 @@ class CheckpointSync(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()
+        if self.ranks.distributed:
+            distributed.barrier()  # every rank has written its RNG state into the folder
+            if not self.ranks.is_main:
+                return control  # one process uploads
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.executor is None:
             self._upload(folder, state.global_step)
@@ -112,7 +243,7 @@ class CheckpointSync(TrainerCallback):
         self.store.delete(rel)  # leftovers of an interrupted upload of the same step
         files = self.store.upload_dir(folder, rel)
         latest = {"checkpoint": folder.name, "step": step, "fingerprint": self.fingerprint, "files": sorted(files),
-                  "settings": self.settings,
+                  "settings": self.settings, "processes": self.ranks.world_size,
                   "uploaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.store.write_text(LATEST, json.dumps(latest, indent=2) + "\n")  # last: publishes the checkpoint
         self.last_uploaded_step = step

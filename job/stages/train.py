@@ -4,17 +4,25 @@ setup (model, tokenizer, data) -> check the labels -> train (checkpoints uploade
 -> save the adapter. A rerun continues from checkpoints/LATEST; SIGTERM ends in a checkpoint and
 exit 75. The trainer is trl's SFTTrainer: loss on the completion only, packing without
 cross-example attention (padding-free, position ids), EOS at the end of every example, trained on.
+
+Multi-GPU (torchrun/accelerate, see job/distributed.py): every process runs this stage with its own
+4-bit model copy on its own GPU; the Trainer wraps it in DDP and gives each process its own shard of
+the packed rows. One process per machine downloads the model and the resume checkpoint; rank 0
+alone uploads checkpoints and the adapter. The effective batch is micro batch x
+train.gradient_accumulation x the number of processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
+from job import distributed
 from job.config import Config
-from job.errors import InputError, Preempted
+from job.errors import InputError, JobError, Preempted
 from job.model import attn_implementation, compute_dtype, fetch_model, load_tokenizer
 from job.platform import keep_compiled_kernels
 from job.stages import storage_options
@@ -31,7 +39,12 @@ def run(cfg: Config, ctx) -> dict:
 
     t_start = time.monotonic()
     keep_compiled_kernels(cfg)
+    ranks = ctx.ranks
+    if not ranks.is_local_main:
+        distributed.barrier()  # the machine's first process downloads the model; the others reuse it
     model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
+    if ranks.distributed and ranks.is_local_main:
+        distributed.barrier()
     tokenizer = load_tokenizer(model_dir, cfg.model.uri)
     records = [json.loads(line) for line in ctx.store.read_text(TRAIN_DATA).splitlines() if line.strip()]
     examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
@@ -39,8 +52,11 @@ def run(cfg: Config, ctx) -> dict:
                  len(examples.dataset), len(examples.dropped_rows), cfg.train.max_seq_length)
 
     dtype = compute_dtype(cfg.train.compute_dtype)
-    resume = find_resume_checkpoint(ctx.store, ctx.fingerprint, ctx.work_dir / "resume", ctx.log)
-    settings = plan_batch(cfg, examples, model_dir)
+    resume = find_resume_checkpoint(ctx.store, ctx.fingerprint, ctx.work_dir / "resume", ctx.log, ranks)
+    settings = distributed.broadcast(plan_batch(cfg, examples, model_dir))  # rank 0's plan, on every GPU
+    if resume is not None and ranks.distributed and resume.processes != ranks.world_size:
+        ctx.log.warning("train: the checkpoint was made by %d processes, this run has %d: the effective batch "
+                        "and the data order change from here on", resume.processes, ranks.world_size)
     if resume is not None and resume.settings and resume.settings != settings:
         ctx.log.info("train: keeping the settings the run started with %s (this card would pick %s)",
                      resume.settings, settings)
@@ -74,6 +90,9 @@ def run(cfg: Config, ctx) -> dict:
         raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}: checkpoint "
                         f"{saved} uploaded {waited:.1f} s after the signal; rerun to resume")
 
+    replicas = check_replicas(trainer.model, ranks)
+    if not ranks.is_main:
+        return {}  # rank 0 saves and uploads the adapter and writes the marker
     adapter_dir = ctx.work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     trainer.model.save_pretrained(adapter_dir)
@@ -106,8 +125,25 @@ def run(cfg: Config, ctx) -> dict:
         "settings": settings,
         "label_check": label_report,
         "checkpoints_uploaded": sync.uploaded_steps,
+        "processes": ranks.world_size,
+        "replica_digests": replicas,
     }
     return metrics
+
+
+def check_replicas(model, ranks) -> list[str]:
+    """Digest of the trained LoRA weights on every process: DDP keeps the copies identical, and a
+    run whose copies drifted apart (a rank that skipped a step, a broken all-reduce) must not pass."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    digests = distributed.gather(digest.hexdigest()[:16])
+    if len(set(digests)) > 1:
+        raise JobError(f"train: the {len(digests)} GPU processes ended with different LoRA weights {digests}; "
+                       "the adapter is not saved (rerun; report this if it repeats)")
+    return digests
 
 
 def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
@@ -243,21 +279,25 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
         completion_only_loss=True,
         dataset_num_proc=None,
         use_cpu=not on_cuda,
-        disable_tqdm=False,
+        disable_tqdm=not ctx.ranks.is_main,
+        # LoRA leaves every trainable parameter in the graph; searching for unused ones costs a pass.
+        ddp_find_unused_parameters=False,
+        ddp_timeout=int(t.distributed_timeout_minutes * 60),
     )
     peft_config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                              target_modules=t.target_modules, task_type="CAUSAL_LM", bias="none")
     sync = CheckpointSync(ctx.store, ctx.fingerprint, keep=t.keep_checkpoints,
                           every_minutes=t.checkpoint_every_minutes, background=t.background_upload,
                           stop=ctx.stop, tensorboard_dir=ctx.work_dir / TENSORBOARD, log=ctx.log,
-                          settings=settings)
+                          settings=settings, ranks=ctx.ranks)
     callbacks = [sync]
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+    if ctx.ranks.is_main:  # one event file per run: rank 0 logs the loss the Trainer averaged over ranks
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / TENSORBOARD))))
-    except ImportError:  # tensorboard is a declared dependency; a hand-made environment may lack it
-        ctx.log.warning("train: tensorboard is not installed; no event files (the loss curve is in the marker)")
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / TENSORBOARD))))
+        except ImportError:  # tensorboard is a declared dependency; a hand-made environment may lack it
+            ctx.log.warning("train: tensorboard is not installed; no event files (the loss curve is in the marker)")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     trainer.checkpoint_sync = sync

@@ -1,0 +1,134 @@
+"""Data-parallel runs: which process this is, and the few collective calls the job needs.
+
+`torchrun --nproc-per-node N -m job run ...` and `accelerate launch -m job run ...` both start N
+copies of the job with RANK, LOCAL_RANK and WORLD_SIZE in their environment. The copies split the
+work like this:
+
+- rank 0 (the main process) does every side effect: the lease, config.yaml, the format, merge and
+  evaluate stages, checkpoint uploads, the adapter, markers and the report;
+- every rank trains (one 4-bit model copy per GPU, DDP, each rank its own shard of the data);
+- the other ranks wait for rank 0's word before training and stop after it (`Pipeline.follow`).
+
+Everything here is a no-op in a plain single-process run, so the single-GPU path is unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("job")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """The first process on its machine: downloads shared by the machine's processes happen here."""
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}/{self.world_size} (local {self.local_rank})"
+
+
+SINGLE = Ranks()
+
+
+def ranks_from_env(environ=os.environ) -> Ranks:
+    """The launcher's view of this process (torchrun and accelerate set the same three variables)."""
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return SINGLE
+    return Ranks(rank=int(environ["RANK"]), local_rank=int(environ.get("LOCAL_RANK", "0")), world_size=world)
+
+
+def setup(timeout_minutes: float, environ=os.environ) -> Ranks:
+    """Join the process group when launched by torchrun/accelerate: NCCL on GPUs, gloo on CPUs.
+
+    The timeout bounds how long a rank waits in any collective call, which includes the waits for
+    rank 0's format stage and for the model download before training starts: it must cover those.
+    """
+    ranks = ranks_from_env(environ)
+    if not ranks.distributed:
+        return ranks
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(ranks.local_rank)  # one GPU per process, before NCCL starts
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        log.info("distributed: %s, backend %s", ranks, backend)
+    return ranks
+
+
+def _active() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast(obj=None):
+    """Rank 0's `obj`, on every rank (a picklable object; a blocking collective call)."""
+    if not _active():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not _active():
+        return [obj]
+    import torch.distributed as dist
+
+    boxes = [None] * dist.get_world_size()
+    dist.all_gather_object(boxes, obj)
+    return boxes
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag: is it set on any rank? One small all-reduce, so every rank decides the same."""
+    if not _active():
+        return tuple(bool(f) for f in flags)
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in values.tolist())
+
+
+def teardown() -> None:
+    if _active():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
