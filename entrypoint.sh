@@ -35,6 +35,105 @@ use_workspace_cache() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Multi-GPU launch.
+
+# How many GPU processes JOB_NPROC asks for on this node (1: the plain single-process job).
+gpu_processes() {
+    local wanted="${JOB_NPROC:-1}" count
+    if [[ $wanted == auto ]]; then
+        if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+            IFS=, read -r -a devices <<<"$CUDA_VISIBLE_DEVICES"
+            count=${#devices[@]}
+        elif command -v nvidia-smi >/dev/null 2>&1; then
+            count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+        else
+            count=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+        fi
+        wanted=$((count > 1 ? count : 1))
+    fi
+    if ! [[ $wanted =~ ^[1-9][0-9]*$ ]]; then
+        log "JOB_NPROC must be auto or a positive number, got '$wanted'"
+        return 2
+    fi
+    printf '%s\n' "$wanted"
+}
+
+# SageMaker multi-instance training: resourceconfig.json lists the hosts; the first is the master.
+sagemaker_nodes() {
+    local file="$SM_ROOT/input/config/resourceconfig.json" values
+    [[ -f $file && -z ${PET_NNODES:-} ]] || return 0
+    values=$(python3 - "$file" <<'PY'
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    config = json.load(f)
+hosts = sorted(config["hosts"])
+print(len(hosts), hosts.index(config["current_host"]), hosts[0])
+PY
+    ) || { log "cannot read $file"; return 0; }
+    read -r nodes rank master <<<"$values"
+    if ((nodes > 1)); then
+        export PET_NNODES="$nodes" PET_NODE_RANK="$rank" PET_MASTER_ADDR="$master"
+        export PET_MASTER_PORT="${PET_MASTER_PORT:-29500}"
+        log "SageMaker: node $rank of $nodes, master $master"
+    fi
+}
+
+# The command that runs the job: `job`, or torchrun over this node's GPUs. Sets LAUNCH (an array).
+launch_command() {
+    local nproc
+    nproc=$(gpu_processes) || return 2
+    if ((nproc == 1)) && [[ -z ${PET_NNODES:-} ]]; then
+        LAUNCH=(job)
+        return 0
+    fi
+    # The shutdown timeout is how long torchrun lets its workers finish after a SIGTERM before it
+    # kills them (its default, 30 s, is too short to save and upload a checkpoint): keep it below
+    # the platform's grace period (Kubernetes terminationGracePeriodSeconds: 600 in k8s/base).
+    LAUNCH=(torchrun --nproc-per-node "$nproc" --shutdown-timeout "${JOB_SHUTDOWN_TIMEOUT:-540}")
+    if [[ -z ${PET_NNODES:-} ]]; then
+        LAUNCH+=(--standalone)
+    fi
+    LAUNCH+=(-m job)
+    JOB_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/job-exit-code.XXXXXX")"
+    export JOB_EXIT_CODE_FILE
+    log "multi-GPU: $nproc processes on this node${PET_NNODES:+, node ${PET_NODE_RANK:-?} of $PET_NNODES}"
+}
+
+# Run "$@" as a child, forward SIGTERM/SIGINT to it, and set RC to its real exit code: `wait`
+# returns early (128+signal) when a trap runs, so it is called again until the child has ended.
+# Under torchrun the job's own code comes from JOB_EXIT_CODE_FILE (torchrun says 1 for any failure).
+run_forwarding_signals() {
+    local signalled=0 child
+    "$@" &
+    child=$!
+    trap 'signalled=1; kill -TERM "$child" 2>/dev/null || true' TERM
+    trap 'signalled=1; kill -INT "$child" 2>/dev/null || true' INT
+    while true; do
+        signalled=0
+        RC=0
+        wait "$child" || RC=$?
+        if ((signalled)); then continue; fi
+        break
+    done
+    trap - TERM INT
+    if [[ -n ${JOB_EXIT_CODE_FILE:-} && -s $JOB_EXIT_CODE_FILE ]]; then
+        RC=$(<"$JOB_EXIT_CODE_FILE")
+        rm -f "$JOB_EXIT_CODE_FILE"
+    fi
+}
+
+# Kubernetes, RunPod, docker run: exec the job (it gets SIGTERM itself, under tini), or under
+# torchrun stay as the parent to hand back the job's exit code.
+run_job() {
+    launch_command || exit 2
+    if [[ ${LAUNCH[0]} == job ]]; then
+        exec job "$@"
+    fi
+    run_forwarding_signals "${LAUNCH[@]}" "$@"
+    exit "$RC"
+}
+
+# ---------------------------------------------------------------------------------------------
 # SageMaker. Configuration reaches the job through ONE mechanism per source, in the job's own
 # precedence (DESIGN.md): hyperparameters.json is read by the job itself as a config layer (keys are
 # dotted, e.g. "train.learning_rate"; values are the strings SageMaker writes), and the estimator's
@@ -196,23 +295,18 @@ sagemaker_train() {
 
     # Not `exec`: the artifacts are copied after the job ends, so this shell stays as the parent.
     # It forwards SIGTERM/SIGINT (spot interruption, StopTrainingJob) to the job, which saves and
-    # uploads a checkpoint and exits 75, and then waits for the job's real exit code: `wait` returns
-    # early (128+signal) when a trap runs, so it is called again until the child has really ended.
+    # uploads a checkpoint and exits 75, and then waits for the job's real exit code.
     # stderr goes through tee, so it reaches CloudWatch as it happens and the failure file later.
+    sagemaker_nodes
+    if ! launch_command 2>"$stderr_file"; then
+        cat "$stderr_file" >&2
+        write_failure 2 "$stderr_file"
+        return 2
+    fi
     exec 3> >(tee -a "$stderr_file" >&2)
-    local tee_pid=$! signalled=0 child
-    job run "${args[@]}" "$@" 2>&3 &
-    child=$!
-    trap 'signalled=1; kill -TERM "$child" 2>/dev/null || true' TERM
-    trap 'signalled=1; kill -INT "$child" 2>/dev/null || true' INT
-    while true; do
-        signalled=0
-        rc=0
-        wait "$child" || rc=$?
-        if ((signalled)); then continue; fi
-        break
-    done
-    trap - TERM INT
+    local tee_pid=$!
+    run_forwarding_signals "${LAUNCH[@]}" run "${args[@]}" "$@" 2>&3
+    rc=$RC
     exec 3>&-
     wait "$tee_pid" 2>/dev/null || true
 
@@ -241,13 +335,14 @@ case "${1:-}" in
         ;;
     job)
         shift
-        exec job "$@"
+        run_job "$@"
         ;;
     "")
-        exec job run
+        run_job run
         ;;
     *)
-        # exec: the job becomes the container's main process (under tini) and gets SIGTERM itself.
-        exec job "$@"
+        # One process: exec, the job becomes the container's main process (under tini) and gets
+        # SIGTERM itself. Several (JOB_NPROC): torchrun, with this shell forwarding the signals.
+        run_job "$@"
         ;;
 esac

@@ -194,9 +194,10 @@ def _main(argv) -> int:
 def _record_exit_code(code: int) -> int:
     """torchrun reports any failed process as exit 1, which would hide 75 (preempted, rerun) and 2
     (bad input, do not rerun) from Kubernetes and SageMaker. With JOB_EXIT_CODE_FILE set (the image's
-    entry point sets it in multi-GPU mode), rank 0 writes its exit code there for the launcher."""
+    entry point sets it in multi-GPU mode), the first process of each node writes its exit code there
+    for that node's launcher (every rank of a preempted run exits 75; rank 0 decides the others)."""
     path = os.environ.get("JOB_EXIT_CODE_FILE")
-    if path and os.environ.get("RANK", "0") == "0":
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
         with contextlib.suppress(OSError):
             Path(path).write_text(f"{code}\n")
     return code

@@ -304,3 +304,112 @@ def test_sagemaker_layers_resolve_in_the_real_config_loader(sandbox):
     assert resolved["data"]["label"] is None
     assert resolved["model"]["uri"] == str(model)
     assert float(resolved["train"]["learning_rate"]) == pytest.approx(1e-4)
+
+
+# -- multi-GPU (JOB_NPROC) -----------------------------------------------------------------------
+
+FAKE_TORCHRUN = textwrap.dedent(
+    """\
+    #!{python}
+    # Records its argv and environment, then plays a torchrun whose job exits FAKE_JOB_EXIT: the job
+    # writes that code to JOB_EXIT_CODE_FILE, torchrun itself says 1 for any failure, as the real one.
+    import json, os, signal, sys, time
+    from pathlib import Path
+
+    env = os.environ
+    Path(env["FAKE_TORCHRUN_RECORD"]).write_text(json.dumps({{"argv": sys.argv[1:], "env": dict(env)}}))
+    code = int(env.get("FAKE_JOB_EXIT", "0"))
+    if env.get("FAKE_JOB_WAIT_TERM"):
+        stopped = []
+        signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+        Path(env["FAKE_JOB_WAIT_TERM"]).write_text("ready")
+        deadline = time.monotonic() + 20
+        while not stopped and time.monotonic() < deadline:
+            time.sleep(0.02)
+        code = 75 if stopped else 1
+    Path(env["JOB_EXIT_CODE_FILE"]).write_text(f"{{code}}\\n")
+    sys.exit(0 if code == 0 else 1)
+    """
+)
+
+
+@pytest.fixture
+def gpus(sandbox):
+    """A fake torchrun and a fake nvidia-smi that lists FAKE_GPUS GPUs."""
+    bin_dir = sandbox.root / "bin"
+    (bin_dir / "torchrun").write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    (bin_dir / "nvidia-smi").write_text(
+        '#!/bin/sh\ni=0\nwhile [ "$i" -lt "${FAKE_GPUS:-0}" ]; do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; '
+        'i=$((i+1)); done\n')
+    for name in ("torchrun", "nvidia-smi"):
+        (bin_dir / name).chmod(0o755)
+    sandbox.env["FAKE_TORCHRUN_RECORD"] = str(sandbox.root / "torchrun.json")
+    sandbox.torchrun_record = lambda: json.loads((sandbox.root / "torchrun.json").read_text())
+    return sandbox
+
+
+def test_nproc_auto_runs_torchrun_over_every_gpu(gpus):
+    result = gpus.run("run", "--config", "x.yaml", JOB_NPROC="auto", FAKE_GPUS="4")
+    assert result.returncode == 0, result.stderr
+    record = gpus.torchrun_record()
+    assert record["argv"] == ["--nproc-per-node", "4", "--shutdown-timeout", "540", "--standalone",
+                              "-m", "job", "run", "--config", "x.yaml"]
+    assert record["env"]["JOB_EXIT_CODE_FILE"]
+    assert not gpus.record_path.exists()  # the plain job was not started
+
+
+def test_nproc_auto_counts_cuda_visible_devices_and_one_gpu_is_the_plain_job(gpus):
+    assert gpus.run("run", JOB_NPROC="auto", FAKE_GPUS="8", CUDA_VISIBLE_DEVICES="2,5").returncode == 0
+    assert gpus.torchrun_record()["argv"][:2] == ["--nproc-per-node", "2"]
+    (gpus.root / "torchrun.json").unlink()
+    assert gpus.run("run", JOB_NPROC="auto", FAKE_GPUS="1").returncode == 0
+    assert gpus.record()["argv"] == ["run"] and not (gpus.root / "torchrun.json").exists()
+
+
+@pytest.mark.parametrize("code", [2, 3, 4, 75])
+def test_nproc_exit_code_is_the_jobs_not_torchruns(gpus, code):
+    assert gpus.run("run", JOB_NPROC="2", FAKE_JOB_EXIT=str(code)).returncode == code
+
+
+def test_nproc_must_be_auto_or_a_number(gpus):
+    result = gpus.run("run", JOB_NPROC="lots")
+    assert result.returncode == 2 and "JOB_NPROC must be auto or a positive number" in result.stderr
+
+
+def test_nproc_multi_node_uses_the_rendezvous_variables(gpus):
+    result = gpus.run("run", JOB_NPROC="8", PET_NNODES="2", PET_NODE_RANK="1", PET_MASTER_ADDR="node-0",
+                      PET_MASTER_PORT="29500", JOB_SHUTDOWN_TIMEOUT="300")
+    assert result.returncode == 0, result.stderr
+    record = gpus.torchrun_record()
+    assert record["argv"] == ["--nproc-per-node", "8", "--shutdown-timeout", "300", "-m", "job", "run"]
+    assert record["env"]["PET_NODE_RANK"] == "1"  # torchrun reads PET_* itself
+
+
+def test_sagemaker_multi_instance_from_resourceconfig(gpus):
+    config = gpus.sm / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "algo-2", "hosts": ["algo-2", "algo-1"], "network_interface_name": "eth0"}))
+    gpus.channel("data", {"snli.csv": "a,b\n"})
+    result = gpus.run("train", JOB_NPROC="auto", FAKE_GPUS="8")
+    assert result.returncode == 0, result.stderr
+    record = gpus.torchrun_record()
+    assert record["argv"][:4] == ["--nproc-per-node", "8", "--shutdown-timeout", "540"]
+    assert "--standalone" not in record["argv"] and record["argv"][4:7] == ["-m", "job", "run"]
+    env = record["env"]
+    assert (env["PET_NNODES"], env["PET_NODE_RANK"], env["PET_MASTER_ADDR"], env["PET_MASTER_PORT"]) == \
+        ("2", "1", "algo-1", "29500")
+
+
+def test_nproc_sigterm_reaches_torchrun_and_75_comes_back(gpus):
+    ready = gpus.root / "ready"
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "run"],
+                            env={**gpus.env, "JOB_NPROC": "2", "FAKE_JOB_WAIT_TERM": str(ready)},
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 75
