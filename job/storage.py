@@ -9,7 +9,9 @@ PutObject. Downloads are verified before they are renamed into place. Every fail
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import random
 import re
 import shutil
 import time
@@ -25,6 +27,7 @@ import boto3
 import botocore.client
 import botocore.config
 import botocore.exceptions
+from botocore.retries import standard as botocore_retries
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 
@@ -339,7 +342,25 @@ class S3Store(Store):
 
     def _fetch_verified(self, rel: str, tmp: Path, head: dict) -> None:
         self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=self.transfer)
-        verify_download(tmp, head, self.uri_of(rel))
+        verify_download(tmp, head, self.uri_of(rel), *self._part_sizes(rel, head))
+
+    def _part_sizes(self, rel: str, head: dict) -> tuple[list[int], bool]:
+        """Part sizes to check a multipart ETag ("<MD5 of the parts' MD5s>-<parts>") with, and whether
+        the server told it (else they are guesses).
+
+        S3 (and MinIO) answer HEAD ?partNumber=1 with the first part's length; boto3, the AWS CLI,
+        rclone and mc upload in equal parts but the last, so that gives every boundary. A server that
+        ignores partNumber (moto) answers with the whole object: then the part size this store uploads
+        with and boto3's default (8 MiB) are tried.
+        """
+        match = re.fullmatch(r'"?[0-9a-f]{32}-(\d+)"?', head.get("ETag", ""))
+        if not match:
+            return [], False
+        first = self.client.head_object(Bucket=self.bucket, Key=self._key(rel), PartNumber=1)
+        if first.get("PartsCount") == int(match.group(1)) and first["ContentLength"] < head["ContentLength"]:
+            return [first["ContentLength"]], True
+        # s3transfer never uses parts under 5 MiB
+        return [max(self.transfer.multipart_chunksize, 5 * MIB), 8 * MIB], False
 
     def _retry_transfer(self, rel: str, fn: Callable[[], T]) -> T:
         """Retry what botocore's retries do not cover: a body that arrived truncated or corrupted."""
@@ -377,22 +398,87 @@ class S3Store(Store):
                                        f"{first.get('Message', '')} ({len(answer['Errors'])} keys failed)")
 
 
-def verify_download(path: Path, head: dict, uri: str) -> None:
-    """Size against HeadObject, and MD5 where the ETag is the MD5 of the bytes.
+def verify_download(path: Path, head: dict, uri: str, part_sizes: list[int] = (), exact: bool = False) -> None:
+    """Size against HeadObject, and MD5 where the ETag is made of MD5s of the bytes.
 
-    The ETag is an MD5 only for single-part objects without SSE-KMS/SSE-C; multipart ETags end in '-N'.
+    Without SSE-KMS/SSE-C, a single-part object's ETag is the MD5 of its bytes, and a multipart
+    object's is "<MD5 of the parts' binary MD5s>-<number of parts>", checkable with the part size.
+    `part_sizes`: candidates; `exact`: the server gave it, so a mismatch is corruption (with guessed
+    sizes, a mismatch may be another uploader's part size: then only the size is checked).
     """
-    _check_size(path, head["ContentLength"], uri)
+    size = head["ContentLength"]
+    _check_size(path, size, uri)
     etag = head.get("ETag", "").strip('"')
     encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or head.get("SSECustomerAlgorithm")
-    if re.fullmatch(r"[0-9a-f]{32}", etag) and not encrypted:
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(MIB), b""):
-                digest.update(block)
-        md5 = digest.hexdigest()
+    if encrypted:
+        return
+    if re.fullmatch(r"[0-9a-f]{32}", etag):
+        md5 = _md5_of(path, 0, size).hexdigest()
         if md5 != etag:
             raise _Corrupt(f"{uri}: MD5 {md5} does not match ETag {etag}")
+    elif re.fullmatch(r"[0-9a-f]{32}-\d+", etag):
+        parts = int(etag.rsplit("-", 1)[1])
+        for part_size in [p for p in part_sizes if p > 0 and math.ceil(size / p) == parts]:
+            md5 = hashlib.md5(b"".join(_md5_of(path, start, part_size).digest()
+                                       for start in range(0, size, part_size)), usedforsecurity=False)
+            if f"{md5.hexdigest()}-{parts}" == etag:
+                return
+            if exact:
+                raise _Corrupt(f"{uri}: MD5 of the {parts} parts {md5.hexdigest()} does not match ETag {etag}")
+
+
+def _md5_of(path: Path, start: int, length: int):
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        f.seek(start)
+        while length > 0:
+            block = f.read(min(MIB, length))
+            if not block:
+                break
+            digest.update(block)
+            length -= len(block)
+    return digest
+
+
+# Retries. botocore's "standard" mode waits rand * min(2**i, 20) s after a throttling error (503
+# SlowDown) and rand * min(0.05 * 2**i, 20) s after other errors (5xx, resets, refused connections),
+# and stops retrying altogether once a client's retry quota (500 units, 5 per throttled retry, 14 per
+# other) is spent. For a batch job that is both too slow to give up (10 attempts against an endpoint
+# that answers 503 to everything: about a minute per request, measured 77 s for `job run`) and too
+# quick to give up (the quota: after a burst of faults, every later transient error fails the job; a
+# 10-attempt burst of resets is over in under 2 s). So: the same schedule for every retryable error,
+# rand * min(0.5 * 2**i, 8) s: at most 47.5 s over 10 attempts (about 24 s on average), and no quota.
+RETRY_BASE_SECONDS = 0.5
+RETRY_MAX_SECONDS = 8.0
+
+
+class _Backoff(botocore_retries.BaseRetryBackoff):
+    def __init__(self) -> None:
+        # Its own generator: retries on the upload thread must not advance the global `random`, whose
+        # state training saves in every checkpoint (rng_state.pth).
+        self.random = random.Random()
+
+    def delay_amount(self, context) -> float:
+        return self.random.random() * min(RETRY_BASE_SECONDS * 2 ** (context.attempt_number - 1), RETRY_MAX_SECONDS)
+
+
+class _NoQuota:
+    def acquire_retry_quota(self, context) -> bool:
+        return True
+
+
+def _use_job_retries(client: botocore.client.BaseClient, max_attempts: int) -> None:
+    """Replace the client's standard-mode retry handler by the same one with `_Backoff` and no quota."""
+    service = client.meta.service_model.service_id.hyphenize()
+    adapter = botocore_retries.RetryEventAdapter()
+    handler = botocore_retries.RetryHandler(
+        retry_policy=botocore_retries.RetryPolicy(
+            retry_checker=botocore_retries.StandardRetryConditions(max_attempts=max_attempts),
+            retry_backoff=_Backoff()),
+        retry_event_adapter=adapter, retry_quota=_NoQuota(), service_name=service)
+    unique_id = f"retry-config-{service}"  # botocore's own handler is registered under this id
+    client.meta.events.unregister(f"needs-retry.{service}", unique_id=unique_id)
+    client.meta.events.register(f"needs-retry.{service}", handler.needs_retry, unique_id=unique_id)
 
 
 def open_store(uri: str, *, endpoint_url: str | None = None, max_attempts: int = 10,
@@ -408,7 +494,7 @@ def open_store(uri: str, *, endpoint_url: str | None = None, max_attempts: int =
     if not bucket:
         raise InputError(f"{redact_uri(uri)}: not a valid S3 URI (expected s3://bucket/prefix)")
     config = botocore.config.Config(
-        retries={"max_attempts": max_attempts, "mode": "standard"},  # backoff on 503 SlowDown, 5xx, resets
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},  # see _use_job_retries
         connect_timeout=10, read_timeout=120,
         max_pool_connections=max(10, max_concurrency * max_concurrency),  # files x parts in flight
         # MinIO, moto, Ceph: buckets are not DNS names there. Without an explicit endpoint, botocore's
@@ -420,6 +506,7 @@ def open_store(uri: str, *, endpoint_url: str | None = None, max_attempts: int =
                                     aws_secret_access_key=secret_access_key or None,
                                     aws_session_token=session_token or None)
     client = session.client("s3", endpoint_url=endpoint_url or None, config=config)
+    _use_job_retries(client, max_attempts)
     chunk = multipart_chunk_mb * MIB
     transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
                               max_concurrency=max_concurrency, use_threads=True)

@@ -79,7 +79,20 @@ def run(cfg: Config, ctx) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t_train = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    finished = finished_state(resume.path) if resume is not None else None
+    if finished is not None:
+        # LATEST is the last step: the run was killed after it was published, before the train marker
+        # (during the adapter upload, say). trainer.train() would still run one more step before it
+        # checks max_steps (the adapter would differ from an uninterrupted run's, and gain a step per
+        # such kill), so take the checkpoint's weights and state as they are.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(trainer.model, load_file(resume.path / "adapter_model.safetensors"))
+        trainer.state = finished
+        ctx.log.info("train: checkpoint %d is the last step: nothing left to train", finished.global_step)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
     train_seconds = time.monotonic() - t_train
 
     if ctx.stop is not None and ctx.stop.is_set():
@@ -144,6 +157,14 @@ def check_replicas(model, ranks) -> list[str]:
         raise JobError(f"train: the {len(digests)} GPU processes ended with different LoRA weights {digests}; "
                        "the adapter is not saved (rerun; report this if it repeats)")
     return digests
+
+
+def finished_state(checkpoint: Path):
+    """The checkpoint's TrainerState when it holds the last step of the run, else None."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return state if 0 < state.max_steps <= state.global_step else None
 
 
 def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
