@@ -65,6 +65,41 @@ def check_model_folder(path: Path, uri: str) -> None:
     if problems:
         raise InputError(f"model.uri {uri}: not a usable Hugging Face model folder, missing {'; '.join(problems)}. "
                          f"Found: {', '.join(sorted(names)) or 'nothing'}")
+    # A truncated or overwritten weights file would otherwise fail deep inside from_pretrained (exit 1,
+    # a traceback): check each file's length against its header, and that the index's shards exist.
+    index = path / "model.safetensors.index.json"
+    shards = set()
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InputError(f"model.uri {uri}: model.safetensors.index.json is damaged (no weight_map); "
+                             "copy the model folder again") from None
+    missing = sorted(shards - names)
+    if missing:
+        raise InputError(f"model.uri {uri}: model.safetensors.index.json names shards that are not in the "
+                         f"folder: {', '.join(missing)}; copy the model folder again")
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise InputError(f"model.uri {uri}: {weights.name} {problem}; copy the model folder again")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None for a safetensors file whose length matches its header, else what is wrong (reads the header only)."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > 100 * 2**20:  # safetensors caps headers at 100 MB: this is not one
+                return "is not a safetensors file"
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "is damaged (its header does not parse)"
+    size = path.stat().st_size
+    if size != 8 + header_len + end:
+        return f"is truncated or damaged ({size:,} bytes, its header says {8 + header_len + end:,})"
+    return None
 
 
 def load_tokenizer(model_dir: Path, uri: str):
