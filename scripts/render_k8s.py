@@ -6,9 +6,12 @@
 Uses `kubectl kustomize` when kubectl is on PATH (the real thing). Without it, a small renderer
 in Python covers exactly the features k8s/ uses, so the static checks still run offline:
 resources (files and bases), namespace, labels (without selectors), configMapGenerator (create /
-replace, files, name suffix from a content hash), images (newName / newTag / digest) and patches
-(JSON 6902 with a target kind and name). Anything else is an error, not a silent difference. The
-hash suffix differs from kustomize's own; nothing checked here depends on its value.
+replace, files, name suffix from a content hash), images (newName / newTag / digest, in `containers`
+at any depth, as kustomize does), patches (JSON 6902 with a target kind and name; a strategic-merge
+patch only as `$patch: delete` of a whole resource) and configurations (only nameReference entries
+for ConfigMaps, i.e. where a custom kind such as a PyTorchJob mounts one). Anything else is an error,
+not a silent difference. The hash suffix differs from kustomize's own; nothing checked here depends
+on its value.
 """
 
 from __future__ import annotations
@@ -23,29 +26,39 @@ from pathlib import Path
 
 import yaml
 
-SUPPORTED = {"apiVersion", "kind", "namespace", "labels", "resources", "configMapGenerator", "images", "patches"}
+SUPPORTED = {"apiVersion", "kind", "namespace", "labels", "resources", "configMapGenerator", "images", "patches",
+             "configurations"}
 
 
 def render_with_kubectl(path: Path) -> str:
     return subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True, text=True).stdout
 
 
-def _load(path: Path) -> tuple[list[dict], dict]:
-    """(resources, generators) for one kustomization; generators are name -> ConfigMap."""
+def _load(path: Path) -> tuple[list[dict], dict, list[dict]]:
+    """(resources, generators, ConfigMap name references) for one kustomization; generators are
+    name -> ConfigMap, references are kustomize fieldSpecs ({kind, path}) from `configurations`."""
     kust = yaml.safe_load((path / "kustomization.yaml").read_text())
     unknown = set(kust) - SUPPORTED
     if unknown:
         raise SystemExit(f"{path}: the Python renderer does not support {sorted(unknown)}; install kubectl")
     resources: list[dict] = []
     generated: dict[str, dict] = {}
+    references: list[dict] = []
     for entry in kust.get("resources", []):
         target = path / entry
         if target.is_dir():
-            sub_resources, sub_generated = _load(target)
+            sub_resources, sub_generated, sub_references = _load(target)
             resources += sub_resources
             generated.update(sub_generated)
+            references += sub_references  # kustomize, too, hands a base's configurations up
         else:
-            resources += [doc for doc in yaml.safe_load_all(target.read_text()) if doc]
+            # A JSON round trip: YAML anchors become separate copies, as in kustomize's output.
+            resources += [json.loads(json.dumps(doc)) for doc in yaml.safe_load_all(target.read_text()) if doc]
+    for entry in kust.get("configurations", []):
+        config = yaml.safe_load((path / entry).read_text())
+        if set(config) != {"nameReference"} or any(ref["kind"] != "ConfigMap" for ref in config["nameReference"]):
+            raise SystemExit(f"{path}/{entry}: only nameReference entries for ConfigMaps are supported")
+        references += [spec for ref in config["nameReference"] for spec in ref["fieldSpecs"]]
     for gen in kust.get("configMapGenerator", []):
         data = {Path(f).name: (path / f).read_text() for f in gen.get("files", [])}
         behavior = gen.get("behavior", "create")
@@ -61,8 +74,19 @@ def _load(path: Path) -> tuple[list[dict], dict]:
             generated[gen["name"]] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]},
                                       "data": data}
     for patch in kust.get("patches", []):
+        body = yaml.safe_load(patch["patch"])
+        if isinstance(body, dict):  # a strategic-merge patch: only deleting a whole resource
+            if body.get("$patch") != "delete" or set(body) - {"apiVersion", "kind", "metadata", "$patch"}:
+                raise SystemExit(f"{path}: strategic-merge patches other than $patch: delete are not supported")
+            before = len(resources)
+            resources = [r for r in resources if (r["kind"], r["metadata"]["name"]) !=
+                         (body["kind"], body["metadata"]["name"])]
+            if len(resources) != before - 1:
+                raise SystemExit(f"{path}: $patch: delete of {body['kind']} {body['metadata']['name']} matches "
+                                 f"{before - len(resources)} resources")
+            continue
         target = patch["target"]
-        ops = yaml.safe_load(patch["patch"])
+        ops = body
         matches = [r for r in resources if r["kind"] == target["kind"] and r["metadata"]["name"] == target["name"]]
         if len(matches) != 1:
             raise SystemExit(f"{path}: patch target {target} matches {len(matches)} resources")
@@ -85,12 +109,34 @@ def _load(path: Path) -> tuple[list[dict], dict]:
         for r in resources + list(generated.values()):
             if r["kind"] != "Namespace":
                 r["metadata"]["namespace"] = kust["namespace"]
-    return resources, generated
+    return resources, generated, references
 
 
-def _containers(resource: dict) -> list:
-    spec = resource.get("spec", {}).get("template", {}).get("spec", {})
-    return spec.get("containers", []) + spec.get("initContainers", [])
+def _containers(node) -> list:
+    """Every container under `containers` / `initContainers` at any depth (kustomize's images
+    transformer does the same, so a PyTorchJob's replica templates are covered)."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                found += [c for c in value if isinstance(c, dict) and "image" in c]
+            else:
+                found += _containers(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _containers(value)
+    return found
+
+
+def _walk(node, parts: list[str]):
+    """The dicts holding the field that a kustomize fieldSpec path names (lists are walked through)."""
+    if isinstance(node, list):
+        return [hit for item in node for hit in _walk(item, parts)]
+    if not isinstance(node, dict):
+        return []
+    if len(parts) == 1:
+        return [node] if parts[0] in node else []
+    return _walk(node.get(parts[0].removesuffix("[]")), parts[1:])
 
 
 def _json_patch(doc: dict, op: dict) -> None:
@@ -99,7 +145,11 @@ def _json_patch(doc: dict, op: dict) -> None:
     for p in parts[:-1]:
         parent = parent[int(p)] if isinstance(parent, list) else parent[p]
     last = parts[-1]
-    if op["op"] == "remove":
+    if op["op"] == "test":
+        value = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+        if value != op["value"]:
+            raise SystemExit(f"JSON patch test failed at {op['path']}: {value!r} != {op['value']!r}")
+    elif op["op"] == "remove":
         del parent[int(last) if isinstance(parent, list) else last]
     elif op["op"] in ("add", "replace"):
         if isinstance(parent, list):
@@ -111,7 +161,7 @@ def _json_patch(doc: dict, op: dict) -> None:
 
 
 def render_in_python(path: Path) -> str:
-    resources, generated = _load(path)
+    resources, generated, references = _load(path)
     renames = {}
     for name, cm in generated.items():
         digest = hashlib.sha256(json.dumps(cm["data"], sort_keys=True).encode()).hexdigest()[:10]
@@ -120,6 +170,11 @@ def render_in_python(path: Path) -> str:
         for vol in r.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
             if "configMap" in vol and vol["configMap"]["name"] in renames:
                 vol["configMap"]["name"] = renames[vol["configMap"]["name"]]
+        for spec in references:
+            if spec.get("kind", r["kind"]) == r["kind"]:
+                for holder in _walk(r, spec["path"].split("/")):
+                    leaf = spec["path"].split("/")[-1]
+                    holder[leaf] = renames.get(holder[leaf], holder[leaf])
     docs = [copy.deepcopy(d) for d in resources + list(generated.values())]
     return yaml.safe_dump_all(docs, sort_keys=False)
 

@@ -3,6 +3,13 @@ Dockerfile, and the Terraform module. Offline and fast; .ci/lint runs the linter
 
 Rendering uses kubectl when it is installed, else scripts/render_k8s.py's own renderer; the
 Terraform checks need python-hcl2 (installed by .ci/lint) and are skipped without it.
+
+The PyTorchJob (k8s/overlays/pytorchjob) is a custom resource: .ci/lint validates its replica pods
+as v1 Pods (kubernetes-validate, strict) and its field names and types against the training
+operator SDK's models (scripts/k8s_crd.py; the SDK test here is skipped where kubeflow-training is
+not installed). What the operator's webhook and controller require beyond that, and what this job
+relies on (restart policy, nprocPerNode, the same pod as the base Job), is only asserted here,
+structurally.
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import k8s_crd  # noqa: E402
 import render_k8s  # noqa: E402
 
-OVERLAYS = ["base", "overlays/minio"]
+# Kustomizations whose workload is the batch Job, and all of them (the last replaces it by a PyTorchJob).
+OVERLAYS = ["base", "overlays/minio", "overlays/multi-gpu", "overlays/multi-node-indexed"]
+ALL_KUSTOMIZATIONS = OVERLAYS + ["overlays/pytorchjob"]
+GPUS = {"base": 1, "overlays/minio": 1, "overlays/multi-gpu": 8, "overlays/multi-node-indexed": 8}
 
 
 def render(name: str) -> dict:
@@ -60,12 +71,18 @@ def test_pod_failure_policy(rendered):
     assert all(4 not in r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r)
 
 
-def test_single_gpu_and_scheduling(rendered):
-    _, docs = rendered
+def env_of(container) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_gpus_and_scheduling(rendered):
+    name, docs = rendered
     pod = job_of(docs)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     resources = container["resources"]
-    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == GPUS[name]
+    # Several GPUs: the entry point starts one process per visible GPU (torchrun).
+    assert env_of(container).get("JOB_NPROC") == ("auto" if GPUS[name] > 1 else None)
     assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     # Long enough to finish a step and upload a checkpoint after SIGTERM.
     assert pod["terminationGracePeriodSeconds"] >= 300
@@ -123,7 +140,7 @@ def test_credentials_irsa_in_base_secret_in_minio():
 
 
 @pytest.mark.skipif(not shutil.which("kubectl"), reason="needs kubectl to compare against")
-@pytest.mark.parametrize("name", OVERLAYS)
+@pytest.mark.parametrize("name", ALL_KUSTOMIZATIONS)
 def test_python_renderer_matches_kubectl(name):
     def normal(text):
         docs = []
@@ -134,6 +151,170 @@ def test_python_renderer_matches_kubectl(name):
 
     path = ROOT / "k8s" / name
     assert normal(render_k8s.render_in_python(path)) == normal(render_k8s.render_with_kubectl(path))
+
+
+# -- Several GPUs and nodes -----------------------------------------------------------------------
+
+
+def _without(mapping: dict, *keys) -> dict:
+    return {k: v for k, v in mapping.items() if k not in keys}
+
+
+def _memory_gi(quantity: str) -> float:
+    assert quantity.endswith("Gi"), quantity
+    return float(quantity[:-2])
+
+
+def test_multi_gpu_changes_only_resources_and_process_count():
+    base, multi = job_of(render("base")), job_of(render("overlays/multi-gpu"))
+    # Every Job-level policy is the base's: podFailurePolicy, backoffLimit, TTL, completion mode.
+    assert _without(multi["spec"], "template") == _without(base["spec"], "template")
+    base_pod, pod = base["spec"]["template"]["spec"], multi["spec"]["template"]["spec"]
+    assert _without(pod, "containers", "volumes") == _without(base_pod, "containers", "volumes")
+    (base_container,), (container,) = base_pod["containers"], pod["containers"]
+    assert _without(container, "resources", "env") == _without(base_container, "resources", "env")
+    assert container["env"] == base_container["env"] + [{"name": "JOB_NPROC", "value": "auto"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    base_volumes = {v["name"]: v for v in base_pod["volumes"]}
+    assert _without(volumes, "dshm") == _without(base_volumes, "dshm")
+    # Scaled with the processes, and consistent: requests within limits, /dev/shm (memory) within
+    # the memory limit, never less than one GPU's share.
+    res, base_res = container["resources"], base_container["resources"]
+    for kind in ("requests", "limits"):
+        assert int(res[kind]["cpu"]) >= int(base_res[kind]["cpu"])
+        assert _memory_gi(res[kind]["memory"]) >= _memory_gi(base_res[kind]["memory"])
+    assert int(res["requests"]["cpu"]) <= int(res["limits"]["cpu"])
+    assert _memory_gi(res["requests"]["memory"]) <= _memory_gi(res["limits"]["memory"])
+    shm = _memory_gi(volumes["dshm"]["emptyDir"]["sizeLimit"])
+    assert _memory_gi(base_volumes["dshm"]["emptyDir"]["sizeLimit"]) <= shm < _memory_gi(res["limits"]["memory"]) / 2
+
+
+def _peer_policy(docs, label):
+    """The NetworkPolicy letting the run's own pods (selected by `label`) reach each other."""
+    policy = docs[("NetworkPolicy", "qlora-job-peers")]["spec"]
+    peers = {"podSelector": {"matchLabels": {label: "qlora-job"}}}
+    assert policy["podSelector"] == peers["podSelector"]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    # Any port (NCCL uses ephemeral ones), from and to the same pods only.
+    assert policy["ingress"] == [{"from": [peers]}] and policy["egress"] == [{"to": [peers]}]
+    # The base's policy is still there, unchanged: nothing else may reach the pods.
+    assert docs[("NetworkPolicy", "qlora-job")] == render("base")[("NetworkPolicy", "qlora-job")]
+
+
+def test_multi_node_indexed_job():
+    docs = render("overlays/multi-node-indexed")
+    job, base = job_of(docs), job_of(render("overlays/multi-gpu"))
+    spec = job["spec"]
+    nodes = spec["completions"]
+    assert spec["completionMode"] == "Indexed" and nodes == spec["parallelism"] >= 2
+    # The base's policies, with the failure budget scaled: one real failure fails every node.
+    assert spec["podFailurePolicy"] == base["spec"]["podFailurePolicy"]
+    assert spec["backoffLimit"] == base["spec"]["backoffLimit"] * nodes
+    assert spec["ttlSecondsAfterFinished"] == base["spec"]["ttlSecondsAfterFinished"]
+    pod = spec["template"]["spec"]
+    assert _without(pod, "subdomain", "containers") == _without(base["spec"]["template"]["spec"], "containers")
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert env["JOB_NPROC"] == "auto"
+    assert env["PET_NNODES"] == str(nodes)
+    assert env["PET_NODE_RANK"] == {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    # Pod 0's hostname (<job>-0) in the subdomain of the headless Service that selects the Job's pods.
+    service = docs[("Service", pod["subdomain"])]["spec"]
+    assert env["PET_MASTER_ADDR"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+    assert env["PET_MASTER_PORT"] == "29500"
+    assert env["PET_RDZV_CONF"].startswith("timeout=")
+    assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"] is True
+    assert service["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    _peer_policy(docs, "batch.kubernetes.io/job-name")
+
+
+def pytorchjob():
+    docs = render("overlays/pytorchjob")
+    return docs, docs[("PyTorchJob", "qlora-job")]
+
+
+def test_pytorchjob_replaces_the_batch_job():
+    docs, job = pytorchjob()
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    assert not [key for key in docs if key[0] == "Job"]
+    added = {("PyTorchJob", "qlora-job"), ("NetworkPolicy", "qlora-job-peers")}
+    assert set(docs) - added == set(render("base")) - {("Job", "qlora-job")}
+    _peer_policy(docs, "training.kubeflow.org/job-name")
+
+
+def test_pytorchjob_replicas_and_policies():
+    _, job = pytorchjob()
+    spec = job["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1  # the webhook's rules
+    # OnFailure: ExitCode would treat the job's exit 75 (1-127) as permanent, Never would not restart
+    # at all, and backoffLimit counts only OnFailure/Always restarts.
+    assert {r["restartPolicy"] for r in replicas.values()} == {"OnFailure"}
+    run = spec["runPolicy"]
+    nodes = sum(r["replicas"] for r in replicas.values())
+    base = job_of(render("base"))["spec"]
+    assert run["backoffLimit"] >= base["backoffLimit"] * nodes  # every stop costs about one restart per node
+    assert run["cleanPodPolicy"] == "Running"
+    assert run["ttlSecondsAfterFinished"] == base["ttlSecondsAfterFinished"]
+    # nprocPerNode is a string (v1.7+), equal to the GPUs each pod gets.
+    assert isinstance(spec["nprocPerNode"], str)
+    for replica in replicas.values():
+        (container,) = replica["template"]["spec"]["containers"]
+        assert spec["nprocPerNode"] == str(container["resources"]["limits"]["nvidia.com/gpu"])
+
+
+def test_pytorchjob_pods_are_the_multi_gpu_jobs_pod():
+    _, job = pytorchjob()
+    multi = job_of(render("overlays/multi-gpu"))["spec"]["template"]
+    (multi_container,) = multi["spec"]["containers"]
+    for rtype, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        template = replica["template"]
+        assert template["metadata"]["labels"] == multi["metadata"]["labels"], rtype
+        pod = template["spec"]
+        # The same pod: service account, grace period, security context, node selector,
+        # tolerations, volumes (the same ConfigMap, hashed name included); the restart policy comes
+        # from the replica spec instead.
+        assert "restartPolicy" not in pod
+        assert _without(pod, "containers") == _without(multi["spec"], "containers", "restartPolicy"), rtype
+        (container,) = pod["containers"]
+        assert container["name"] == "pytorch"  # required by the operator's webhook; it sets PET_* there
+        assert _without(container, "name", "env", "ports") == _without(multi_container, "name", "env"), rtype
+        assert container["image"] == job_of(render("base"))["spec"]["template"]["spec"]["containers"][0]["image"]
+        env = env_of(container)
+        assert _without(env, "PET_RDZV_CONF") == env_of(multi_container)  # JOB_NPROC=auto included
+        assert env["PET_RDZV_CONF"].startswith("timeout=")
+        # The operator takes the master's port (PET_MASTER_PORT) from the port with this name.
+        assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 29500, "protocol": "TCP"}]
+        # PET_* come from the operator, not from the manifest.
+        assert not [name for name in env if name.startswith("PET_") and name != "PET_RDZV_CONF"]
+
+
+def test_pytorchjob_replica_pods_for_validation():
+    _, job = pytorchjob()
+    pods = k8s_crd.replica_pods(job)
+    assert [p["metadata"]["name"] for p in pods] == ["qlora-job-master-0", "qlora-job-worker-0"]
+    for pod in pods:
+        assert pod["apiVersion"] == "v1" and pod["kind"] == "Pod"
+        assert pod["spec"]["restartPolicy"] == "OnFailure"
+        assert pod["metadata"]["namespace"] == "qlora-job"
+        annotations = pod["metadata"]["annotations"]
+        skipped = {v.split("=")[0] for k, v in annotations.items() if k.startswith("checkov.io/skip")}
+        assert skipped == {"CKV_K8S_43", "CKV_K8S_8", "CKV_K8S_9"}
+
+
+def test_pytorchjob_against_the_operator_sdk_models():
+    _, job = pytorchjob()
+    try:
+        errors = k8s_crd.sdk_errors(job)
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert errors == []
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    broken["spec"]["nProcPerNode"] = broken["spec"].pop("nprocPerNode")
+    broken["spec"]["runPolicy"]["backoffLimit"] = "10"
+    assert len(k8s_crd.sdk_errors(broken)) == 2
 
 
 # -- Dockerfile ----------------------------------------------------------------------------------
