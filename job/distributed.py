@@ -7,7 +7,9 @@ work like this:
 - rank 0 (the main process) does every side effect: the lease, config.yaml, the format, merge and
   evaluate stages, checkpoint uploads, the adapter, markers and the report;
 - every rank trains (one 4-bit model copy per GPU, DDP, each rank its own shard of the data);
-- the other ranks wait for rank 0's word before training and stop after it (`Pipeline.follow`).
+- the other ranks wait for rank 0's word before training, and after it until rank 0 has finished
+  (`Pipeline.follow`), so every process of a run ends with the same exit code: a multi-node launch
+  that fails in merge restarts as a whole, instead of node 0 waiting alone at the rendezvous.
 
 Everything here is a no-op in a plain single-process run, so the single-GPU path is unchanged.
 """
@@ -20,6 +22,12 @@ import os
 from dataclasses import dataclass
 
 log = logging.getLogger("job")
+
+# Rank 0's words to the other ranks (run this stage, stop) travel on a gloo group of their own with
+# a long timeout: the others wait there through rank 0's merge and evaluate, which can take far
+# longer than any collective call of training should be allowed to (train.distributed_timeout_minutes).
+CONTROL_TIMEOUT = datetime.timedelta(hours=24)
+_control_group = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ def setup(timeout_minutes: float, environ=os.environ) -> Ranks:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         log.info("distributed: %s, backend %s", ranks, backend)
+    global _control_group
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return ranks
 
 
@@ -92,14 +103,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast(obj=None):
-    """Rank 0's `obj`, on every rank (a picklable object; a blocking collective call)."""
+def broadcast(obj=None, control: bool = False):
+    """Rank 0's `obj`, on every rank (a picklable object; a blocking collective call). `control`: on
+    the long-timeout gloo group, for waits as long as a whole stage of rank 0's."""
     if not _active():
         return obj
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_control_group if control else None)
     return box[0]
 
 
@@ -128,7 +140,9 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
 
 
 def teardown() -> None:
+    global _control_group
     if _active():
         import torch.distributed as dist
 
         dist.destroy_process_group()
+        _control_group = None

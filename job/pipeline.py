@@ -10,7 +10,7 @@ when the settings differ, unless the user forces the stage.
 In a multi-GPU run (job/distributed.py) only rank 0 runs the pipeline: it decides, runs the
 single-process stages and writes every marker. A stage declared `all_ranks` (train) runs on every
 rank: rank 0 sends the other ranks, which wait in `follow()`, the stage's name and fingerprint just
-before it starts, and a stop word as soon as no such stage is left (or when it fails first).
+before it starts, and a stop word with its exit code when the pipeline ends, so all end alike.
 """
 
 from __future__ import annotations
@@ -189,9 +189,7 @@ class Pipeline:
     def _run_selected(self, selected: list[str]) -> dict[str, dict]:
         results: dict[str, dict] = {}
         statuses = {s.stage: s for s in self.status()}
-        for index, name in enumerate(self.order):
-            if not any(self.stages[n].all_ranks for n in self.order[index:] if n in selected):
-                self.release_followers()  # nothing left for them: they end while rank 0 goes on
+        for name in self.order:
             stage, status = self.stages[name], statuses[name]
             if status.state == "disabled":
                 if name in selected:
@@ -224,7 +222,7 @@ class Pipeline:
     def follow(self) -> None:
         """Ranks other than 0: run the all-ranks stages rank 0 announces, until it says stop."""
         while True:
-            word = distributed.broadcast(None)
+            word = distributed.broadcast(None, control=True)
             if "exit_code" in word:
                 if word["exit_code"]:
                     raise MainProcessFailed(word["message"], word["exit_code"])
@@ -237,13 +235,15 @@ class Pipeline:
                           upstream=word["upstream"], log=logging.getLogger(f"job.{stage.name}"), stop=self.stop,
                           ranks=self.ranks)
             stage.run(self.cfg, ctx)
+            _free_gpu_memory()  # this process only waits from here on; rank 0 may merge on a GPU
 
     def release_followers(self, error: Optional[BaseException] = None) -> None:
         """Rank 0: tell the waiting ranks to end, with rank 0's exit code when it failed (once)."""
         if self._followers_waiting:
             self._followers_waiting = False
             code = (error.exit_code if isinstance(error, JobError) else 1) if error is not None else 0
-            distributed.broadcast({"exit_code": code, "message": f"rank 0 stopped: {error}" if error else ""})
+            distributed.broadcast({"exit_code": code, "message": f"rank 0 stopped: {error}" if error else ""},
+                                  control=True)
 
     def _clear(self, stage: Stage) -> None:
         if self.marker(stage.name) is None and self.marker(stage.name, ".started") is None:
@@ -269,7 +269,7 @@ class Pipeline:
         ctx = Context(store=self.store, work_dir=work_dir, fingerprint=fp, upstream=upstream_markers,
                       log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
         if stage.all_ranks and self._followers_waiting:
-            distributed.broadcast({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers})
+            distributed.broadcast({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers}, control=True)
             try:
                 metrics = stage.run(self.cfg, ctx) or {}
             except BaseException:
@@ -284,6 +284,18 @@ class Pipeline:
         self._write_marker(stage.name, record)  # last: the marker is the proof of completion
         log.info("stage %s: done in %.1f s", stage.name, record["seconds"])
         return record
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _now() -> str:
