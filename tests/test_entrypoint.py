@@ -112,6 +112,15 @@ def sandbox(tmp_path):
     return Sandbox()
 
 
+def wait_until_ready(proc, ready: Path) -> None:
+    """Until the fake job (or torchrun) has installed its SIGTERM handler and said so in `ready`."""
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def job_env(record):
     return {k: v for k, v in record["env"].items() if k.startswith("JOB_") or k in ("HF_HOME",)}
 
@@ -277,11 +286,7 @@ def test_sagemaker_sigterm_reaches_the_job_and_75_comes_back(sandbox):
     proc = subprocess.Popen(["bash", str(ENTRYPOINT), "train"],
                             env={**sandbox.env, "FAKE_JOB_WAIT_TERM": str(ready)},
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until_ready(proc, ready)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 75
     assert "checkpoint saved" in proc.stderr.read()
@@ -406,10 +411,6 @@ def test_nproc_sigterm_reaches_torchrun_and_75_comes_back(gpus):
     proc = subprocess.Popen(["bash", str(ENTRYPOINT), "run"],
                             env={**gpus.env, "JOB_NPROC": "2", "FAKE_JOB_WAIT_TERM": str(ready)},
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until_ready(proc, ready)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 75

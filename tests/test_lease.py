@@ -26,8 +26,8 @@ import pytest
 from job.errors import EXIT_LOCKED, RunLocked, StorageError
 from job.lease import LEASE, Lease
 from job.storage import open_store
-from tests.helpers import ROOT, SNLI_SAMPLE, job_env, put_file, read_run_file, run_file_exists, run_job, s3_client
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
+from tests.helpers import ROOT, read_run_file, run_file_exists, run_job, s3_client
+from tests.model_fixtures import run_setup, tiny_model_dir  # noqa: F401 - fixtures
 
 LEASE_SECONDS = 3  # the minimum: renewed every second, so a second holder learns within about a second
 # Jobs train on a shared CPU: a longer lease gives their renewal thread slack against a busy machine.
@@ -260,14 +260,6 @@ def wait_until(condition, what, timeout=300):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-@pytest.fixture
-def run_setup(store_root, tiny_model_dir, tmp_path):  # noqa: F811
-    root, endpoint = store_root
-    data_uri = put_file(root, endpoint, SNLI_SAMPLE, "snli.csv")
-    env = job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache")
-    return root, endpoint, data_uri, env, tiny_model_dir
 
 
 def test_two_jobs_at_once_one_writes_the_other_exits_4(run_setup):

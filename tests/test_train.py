@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, SNLI_SAMPLE, job_env, put_file, read_run_file, run_file_exists, run_job
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
+from tests.helpers import ROOT, SNLI_SAMPLE, job_env, read_run_file, run_file_exists, run_job
+from tests.model_fixtures import run_setup, tiny_model_dir  # noqa: F401 - fixtures
 
 MAX_STEPS = 30
 
@@ -43,14 +43,6 @@ def wait_for_latest(root, endpoint, proc, timeout=300):
 
 def marker(root, endpoint, stage):
     return json.loads(read_run_file(root, endpoint, f"_stages/{stage}.json"))
-
-
-@pytest.fixture
-def run_setup(store_root, tiny_model_dir, tmp_path):  # noqa: F811
-    root, endpoint = store_root
-    data_uri = put_file(root, endpoint, SNLI_SAMPLE, "snli.csv")
-    env = job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache")
-    return root, endpoint, data_uri, env, tiny_model_dir
 
 
 @pytest.fixture(scope="session")
