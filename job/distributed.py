@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger("job")
@@ -101,6 +103,19 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+@contextmanager
+def local_main_first(ranks: Ranks) -> Iterator[None]:
+    """The body runs on each machine's first process, then on the others: for a download that the
+    first one makes and the others find in the shared cache folder."""
+    if not ranks.is_local_main:
+        barrier()
+    try:
+        yield
+    finally:
+        if ranks.distributed and ranks.is_local_main:
+            barrier()
 
 
 def broadcast(obj=None, control: bool = False):

@@ -57,7 +57,7 @@ import botocore.exceptions
 
 import job
 from job.errors import JobError, Preempted, RunLocked, StorageError
-from job.storage import TEMP_SUFFIX, LocalStore, S3Store, Store, redact_uri
+from job.storage import TEMP_SUFFIX, LocalStore, S3Store, Store, local_errors, redact_uri
 
 log = logging.getLogger("job.lease")
 
@@ -139,14 +139,6 @@ class _Backend(ABC):
         """Delete the lease if it is still `seen`."""
 
 
-@contextmanager
-def _local_errors(uri: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        raise StorageError(f"cannot access {uri}: {exc.strerror or exc}") from None
-
-
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:24]
 
@@ -164,7 +156,7 @@ class _LocalBackend(_Backend):
         self.uri = str(self.path)
 
     def read(self, default_expiry: float) -> Optional[Seen]:
-        with _local_errors(self.uri):
+        with local_errors(self.uri):
             try:
                 with open(self.path, "rb") as f:  # fstat and read the same file, even if renamed over now
                     mtime, raw = os.fstat(f.fileno()).st_mtime, f.read()
@@ -174,7 +166,7 @@ class _LocalBackend(_Backend):
         return Seen(raw, _digest(raw), max(0.0, now - mtime), now, default_expiry)
 
     def create(self, data: bytes) -> Optional[str]:
-        with _local_errors(self.uri):
+        with local_errors(self.uri):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -190,7 +182,7 @@ class _LocalBackend(_Backend):
     @contextmanager
     def _claim(self, seen: Seen) -> Iterator[bool]:
         claim = self.path.with_name(f".{LEASE}.claim-{seen.version}{TEMP_SUFFIX}")  # hidden from Store.list
-        with _local_errors(self.uri):
+        with local_errors(self.uri):
             try:
                 os.close(os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             except FileExistsError:
@@ -217,7 +209,7 @@ class _LocalBackend(_Backend):
     def delete(self, seen: Seen) -> bool:
         with self._claim(seen) as ours:
             if ours:
-                with _local_errors(self.uri):
+                with local_errors(self.uri):
                     self.path.unlink(missing_ok=True)
             return ours
 

@@ -166,16 +166,9 @@ class Pipeline:
     # -- running -------------------------------------------------------------------------------
 
     def run(self, selected: Optional[list[str]] = None, force: Optional[str] = None) -> dict[str, dict]:
-        """Run the selected stages in order (all by default). Returns name -> marker."""
-        try:
-            return self._run(list(selected or self.order), force)
-        except BaseException as exc:
-            self.release_followers(exc)
-            raise
-        finally:
-            self.release_followers()
-
-    def _run(self, selected: list[str], force: Optional[str]) -> dict[str, dict]:
+        """Run the selected stages in order (all by default). Returns name -> marker. In a multi-GPU
+        run the caller (job/runner.py) releases the waiting ranks afterwards: `release_followers`."""
+        selected = list(selected or self.order)
         for name in selected + ([force] if force else []):
             if name not in self.stages:
                 raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(self.order)}")
@@ -184,9 +177,7 @@ class Pipeline:
             # results were built on what is about to be replaced.
             for name in self.order[self.order.index(force):]:
                 self._clear(self.stages[name])
-        return self._run_selected(selected)
 
-    def _run_selected(self, selected: list[str]) -> dict[str, dict]:
         results: dict[str, dict] = {}
         statuses = {s.stage: s for s in self.status()}
         for name in self.order:

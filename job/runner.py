@@ -42,9 +42,11 @@ def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> di
                          f" (forcing {force})" if force else "",
                          f", {ranks.world_size} processes" if ranks.distributed else "")
                 pipeline.store.write_text("config.yaml", to_yaml(cfg))
-                return pipeline.run(stages, force)
+                results = pipeline.run(stages, force)
         except BaseException as exc:
-            pipeline.release_followers(exc)  # once: a no-op when pipeline.run told them already
+            pipeline.release_followers(exc)  # the other ranks end with rank 0's exit code
             raise
+        pipeline.release_followers()
+        return results
     finally:
         stop.uninstall()

@@ -160,7 +160,7 @@ class _Corrupt(Exception):
 
 
 @contextmanager
-def _local_errors(uri: str) -> Iterator[None]:
+def local_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
@@ -193,24 +193,24 @@ class LocalStore(Store):
         return bool(self.list(rel))  # like S3: a folder exists when a file is under it
 
     def read_bytes(self, rel: str) -> bytes:
-        with _local_errors(self.uri_of(rel)):
+        with local_errors(self.uri_of(rel)):
             return self._path(rel).read_bytes()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        with _local_errors(self.uri_of(rel)):
+        with local_errors(self.uri_of(rel)):
             _replace_atomically(self._path(rel), lambda tmp: tmp.write_bytes(data))
 
     def upload_file(self, local_path: str | Path, rel: str) -> None:
-        with _local_errors(str(local_path)):
+        with local_errors(str(local_path)):
             size = Path(local_path).stat().st_size
-        with _local_errors(self.uri_of(rel)):
+        with local_errors(self.uri_of(rel)):
             _replace_atomically(self._path(rel), lambda tmp: self._copy(Path(local_path), tmp, size))
 
     def download_file(self, rel: str, local_path: str | Path) -> None:
         src = self._path(rel)
-        with _local_errors(self.uri_of(rel)):
+        with local_errors(self.uri_of(rel)):
             size = src.stat().st_size
-        with _local_errors(str(local_path)):
+        with local_errors(str(local_path)):
             _replace_atomically(Path(local_path), lambda tmp: self._copy(src, tmp, size))
 
     @staticmethod
@@ -227,7 +227,7 @@ class LocalStore(Store):
 
     def delete(self, rel: str) -> None:
         path = self._path(rel)
-        with _local_errors(self.uri_of(rel)):
+        with local_errors(self.uri_of(rel)):
             if path.is_dir():
                 shutil.rmtree(path)
             else:

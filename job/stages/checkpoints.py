@@ -14,7 +14,7 @@ import shutil
 import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,29 +47,20 @@ def find_resume_checkpoint(store: Store, fingerprint: str, local_root: Path, log
                            ranks: Ranks = SINGLE) -> Optional[ResumePoint]:
     """Download the checkpoint LATEST points to (if any) into a fresh local folder.
 
-    In a multi-GPU run the first process of each machine downloads it and the others read the same
-    folder once it is there; LATEST cannot move meanwhile (only this run's rank 0 writes it)."""
-    if not ranks.is_local_main:
-        distributed.barrier()
-        return _read_resume_point(store, fingerprint, local_root)
-    try:
-        return _download_resume_point(store, fingerprint, local_root, log)
-    finally:
-        if ranks.distributed:
-            distributed.barrier()
-
-
-def _read_resume_point(store: Store, fingerprint: str, local_root: Path) -> Optional[ResumePoint]:
-    if not store.exists(LATEST):
+    In a multi-GPU run the first process of each machine downloads it and records what it found in
+    `resume.json` there; the other processes of the machine read that record."""
+    record = local_root / "resume.json"
+    with distributed.local_main_first(ranks):
+        if ranks.is_local_main:
+            shutil.rmtree(local_root, ignore_errors=True)
+            point = _download_resume_point(store, fingerprint, local_root, log)
+            if point is not None and ranks.distributed:
+                record.write_text(json.dumps({**asdict(point), "path": str(point.path)}))
+            return point
+    if not record.is_file():
         return None
-    latest = json.loads(store.read_text(LATEST))
-    if latest.get("fingerprint") != fingerprint:
-        return None
-    # The machine's first process downloaded one checkpoint here: LATEST's, or an older one (see below).
-    local = next(local_root.glob("checkpoint-*"))
-    state = json.loads((local / "trainer_state.json").read_text())
-    return ResumePoint(step=int(state["global_step"]), path=local, tokens_seen=int(state.get("num_input_tokens_seen", 0)),
-                       settings=latest.get("settings", {}), processes=int(latest.get("processes", 1)))
+    fields = json.loads(record.read_text())
+    return ResumePoint(**{**fields, "path": Path(fields["path"])})
 
 
 def _download_resume_point(store: Store, fingerprint: str, local_root: Path, log: logging.Logger) -> Optional[ResumePoint]:
@@ -80,7 +71,6 @@ def _download_resume_point(store: Store, fingerprint: str, local_root: Path, log
         log.warning("checkpoints/LATEST was made with other settings (fingerprint %s, now %s): starting over",
                     latest.get("fingerprint"), fingerprint)
         return None
-    shutil.rmtree(local_root, ignore_errors=True)
     t0 = time.monotonic()
     name, local, state = _download_usable_checkpoint(store, latest, local_root, log)
     log.info("resuming from %s (step %d), downloaded in %.1f s", store.uri_of(f"{PREFIX}/{name}"),
@@ -168,8 +158,8 @@ def checkpoint_problem(folder: Path, step: int) -> Optional[str]:
         try:
             if path.suffix == ".json":
                 json.loads(path.read_text(encoding="utf-8"))
-            elif path.suffix == ".safetensors" and safetensors_problem(path):
-                return f"{rel} {safetensors_problem(path)}"
+            elif path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+                return f"{rel} {problem}"
             elif path.suffix in (".pt", ".pth", ".bin"):
                 with zipfile.ZipFile(path) as archive:  # torch.save writes a zip archive
                     if archive.testzip() is not None:

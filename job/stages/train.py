@@ -40,11 +40,8 @@ def run(cfg: Config, ctx) -> dict:
     t_start = time.monotonic()
     keep_compiled_kernels(cfg)
     ranks = ctx.ranks
-    if not ranks.is_local_main:
-        distributed.barrier()  # the machine's first process downloads the model; the others reuse it
-    model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
-    if ranks.distributed and ranks.is_local_main:
-        distributed.barrier()
+    with distributed.local_main_first(ranks):  # one download per machine; the others reuse the cache
+        model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
     tokenizer = load_tokenizer(model_dir, cfg.model.uri)
     records = [json.loads(line) for line in ctx.store.read_text(TRAIN_DATA).splitlines() if line.strip()]
     examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
