@@ -3,9 +3,15 @@
 Each stage declares the config keys it depends on and the stages whose outputs it reads. Its
 fingerprint hashes those config values, the upstream fingerprints and the job version. When a stage
 finishes, `_stages/<stage>.json` is written last (after every output), so a marker means "complete".
-When a stage starts, `_stages/<stage>.started.json` records the fingerprint: partial outputs (train
-checkpoints) are reused by a rerun with the same settings and refused, naming the changed keys,
-when the settings differ, unless the user forces the stage.
+When a stage writes its first byte into the run (job/stage_store.py), `_stages/<stage>.started.json`
+records the fingerprint: partial outputs (train checkpoints) are reused by a rerun with the same
+settings and refused, naming the changed keys, when the settings differ, unless the user forces the
+stage. A stage that failed before writing anything leaves no `.started` marker, so a rerun with
+corrected input is not refused.
+
+Nothing is deleted or rewritten before the new input is known to be good: config.yaml is written,
+and a forced stage's old results (and every later stage's) are cleared, only at that first write,
+after the stage has read and checked its inputs. Every stale stage is refused before anything runs.
 
 In a multi-GPU run (job/distributed.py) only rank 0 runs the pipeline: it decides, runs the
 single-process stages and writes every marker. A stage declared `all_ranks` (train) runs on every
@@ -25,9 +31,10 @@ from typing import Callable, Optional
 
 import job
 from job import distributed
-from job.config import Config, get_key, redact_text, to_dict
+from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, Ranks
-from job.errors import ConfigError, JobError, MainProcessFailed, Preempted, StaleStageError
+from job.errors import ConfigError, InputError, JobError, MainProcessFailed, Preempted, StaleStageError
+from job.stage_store import StageStore
 from job.storage import Store
 
 log = logging.getLogger("job.pipeline")
@@ -107,6 +114,9 @@ class Pipeline:
         self.cfg = cfg
         self.store = store
         self.work_dir = Path(work_dir)
+        self.forced: tuple[str, ...] = ()
+        """The forced stage and every stage after it: their markers no longer count."""
+        self._config_recorded = False
 
     # -- markers -------------------------------------------------------------------------------
 
@@ -114,7 +124,16 @@ class Pipeline:
         path = f"{MARKERS}/{name}{suffix}.json"
         if not self.store.exists(path):
             return None
-        return json.loads(self.store.read_text(path))
+        try:
+            record = json.loads(self.store.read_text(path))
+            if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+                raise ValueError("not a marker record")
+            return record
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InputError(
+                f"{self.store.uri_of(path)} is damaged ({exc}); markers are written in one piece, so it was "
+                f"changed outside the job. Rerun with --force {name} to redo the stage (and the stages after "
+                "it), or restore the file") from None
 
     def _write_marker(self, name: str, record: dict, suffix: str = "") -> None:
         self.store.write_text(f"{MARKERS}/{name}{suffix}.json", json.dumps(record, indent=2, default=str) + "\n")
@@ -136,6 +155,8 @@ class Pipeline:
         return result
 
     def _status_of(self, stage: Stage, fp: str, upstream: dict) -> Status:
+        if stage.name in self.forced:
+            return Status(stage.name, "pending", "forced", fp)
         done = self.marker(stage.name)
         started = self.marker(stage.name, ".started")
         for record, what in ((done, "finished"), (started, "partial")):
@@ -172,14 +193,24 @@ class Pipeline:
         for name in selected + ([force] if force else []):
             if name not in self.stages:
                 raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(self.order)}")
+        if force and force not in selected:
+            raise ConfigError(f"--force {force}: stage {force} is not among the stages to run ({', '.join(selected)});"
+                              f" add it to --stages")
         if force:
             # Forcing a stage invalidates it and every stage after it, selected or not: their
-            # results were built on what is about to be replaced.
-            for name in self.order[self.order.index(force):]:
-                self._clear(self.stages[name])
+            # results were built on what is about to be replaced. They are deleted only when the
+            # forced stage writes its first byte (`_begin_writing`), after it has checked its inputs.
+            self.forced = tuple(self.order[self.order.index(force):])
 
         results: dict[str, dict] = {}
         statuses = {s.stage: s for s in self.status()}
+        # Refuse before running anything: an earlier stage must not redo its work (and rewrite the run)
+        # for a pipeline that stops at a later stage anyway.
+        for name in selected:
+            if statuses[name].state == "stale":
+                raise StaleStageError(
+                    f"stage {name}: {statuses[name].reason}. Refusing to mix results; rerun with "
+                    f"--force {name} to redo it (and the stages after it), or use another run_uri.")
         for name in self.order:
             stage, status = self.stages[name], statuses[name]
             if status.state == "disabled":
@@ -222,7 +253,7 @@ class Pipeline:
             work_dir = self.work_dir / stage.name
             work_dir.mkdir(parents=True, exist_ok=True)
             log.info("stage %s: running on %s (fingerprint %s)", stage.name, self.ranks, word["fingerprint"])
-            ctx = Context(store=self.store, work_dir=work_dir, fingerprint=word["fingerprint"],
+            ctx = Context(store=StageStore(self.store, hidden=tuple(word.get("hidden", ()))), work_dir=work_dir, fingerprint=word["fingerprint"],
                           upstream=word["upstream"], log=logging.getLogger(f"job.{stage.name}"), stop=self.stop,
                           ranks=self.ranks)
             stage.run(self.cfg, ctx)
@@ -236,31 +267,53 @@ class Pipeline:
             distributed.broadcast({"exit_code": code, "message": f"rank 0 stopped: {error}" if error else ""},
                                   control=True)
 
-    def _clear(self, stage: Stage) -> None:
-        if self.marker(stage.name) is None and self.marker(stage.name, ".started") is None:
+    def _clear_forced(self) -> None:
+        """Delete the results of the forced stage and every stage after it: all markers first (a crash
+        mid-way leaves no marker claiming a result that is half gone), then the outputs."""
+        names = [n for n in self.forced if self.marker(n) is not None or self.marker(n, ".started") is not None]
+        if not names:
             return
-        log.info("stage %s: forced, clearing earlier results (%s)", stage.name, ", ".join(stage.outputs) or "marker")
-        self.store.delete(f"{MARKERS}/{stage.name}.json")
-        for output in stage.outputs:
-            self.store.delete(output)
-        self.store.delete(f"{MARKERS}/{stage.name}.started.json")
+        log.info("forced: clearing the earlier results of %s (%s)", ", ".join(names),
+                 ", ".join(o for n in names for o in self.stages[n].outputs))
+        for name in names:
+            self.store.delete(f"{MARKERS}/{name}.json")
+        for name in names:
+            for output in self.stages[name].outputs:
+                self.store.delete(output)
+            self.store.delete(f"{MARKERS}/{name}.started.json")
+
+    def _begin_writing(self, stage: Stage, started: dict) -> None:
+        """Called once, at the stage's first write into the run: its inputs were read and checked."""
+        if not self._config_recorded:
+            # The run folder describes the settings its results are made with: written only now, never
+            # by a run that was refused or failed on its input.
+            self.store.write_text("config.yaml", to_yaml(self.cfg))
+            self._config_recorded = True
+        if stage.name in self.forced:
+            self._clear_forced()
+            self.forced = ()
+        previous = self.marker(stage.name, ".started")
+        if previous is None or previous.get("fingerprint") != started["fingerprint"]:
+            self._write_marker(stage.name, started, ".started")
 
     def _run_stage(self, stage: Stage, upstream_markers: dict) -> dict:
         upstream = {n: m["fingerprint"] for n, m in upstream_markers.items()}
         fp = fingerprint(stage, self.cfg, upstream)
         record = {"stage": stage.name, "fingerprint": fp, "version": job.__version__, "upstream": upstream,
                   "config": flat_config(self.cfg, stage.config_keys, stage.ignore)}
-        previous = self.marker(stage.name, ".started")
-        if previous is None or previous.get("fingerprint") != fp:
-            self._write_marker(stage.name, {**record, "started_at": _now()}, ".started")
         work_dir = self.work_dir / stage.name
         work_dir.mkdir(parents=True, exist_ok=True)
         log.info("stage %s: running (fingerprint %s)", stage.name, fp)
         t0, started_at = time.monotonic(), _now()
-        ctx = Context(store=self.store, work_dir=work_dir, fingerprint=fp, upstream=upstream_markers,
+        # A forced stage must not read its own old outputs (train would resume from old checkpoints).
+        hidden = stage.outputs if stage.name in self.forced else ()
+        store = StageStore(self.store, lambda: self._begin_writing(stage, {**record, "started_at": started_at}),
+                           hidden=hidden)
+        ctx = Context(store=store, work_dir=work_dir, fingerprint=fp, upstream=upstream_markers,
                       log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
         if stage.all_ranks and self._followers_waiting:
-            distributed.broadcast({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers}, control=True)
+            distributed.broadcast({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers,
+                                   "hidden": list(hidden)}, control=True)
             try:
                 metrics = stage.run(self.cfg, ctx) or {}
             except BaseException:
@@ -270,6 +323,7 @@ class Pipeline:
                 raise
         else:
             metrics = stage.run(self.cfg, ctx) or {}
+        store._commit()  # a stage that wrote nothing still replaces what a forced run cleared
         record.update(started_at=started_at, finished_at=_now(),
                       seconds=round(time.monotonic() - t0, 3), metrics=metrics)
         self._write_marker(stage.name, record)  # last: the marker is the proof of completion

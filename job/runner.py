@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from job import distributed
-from job.config import Config, to_yaml
+from job.config import Config
 from job.distributed import SINGLE, Ranks
 from job.lease import Lease
 from job.pipeline import Pipeline
@@ -41,7 +41,8 @@ def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> di
                 log.info("run %s on %s: stages %s%s%s", cfg.run_uri, detect(), ",".join(stages),
                          f" (forcing {force})" if force else "",
                          f", {ranks.world_size} processes" if ranks.distributed else "")
-                pipeline.store.write_text("config.yaml", to_yaml(cfg))
+                # config.yaml is written by the pipeline at the first write of a stage (after the stale
+                # checks and the stage's input checks), so a refused run leaves the run folder as it was.
                 results = pipeline.run(stages, force)
         except BaseException as exc:
             pipeline.release_followers(exc)  # the other ranks end with rank 0's exit code

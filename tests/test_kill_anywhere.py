@@ -58,8 +58,9 @@ FORMAT_AND_TRAIN = [
     Point("data/eval.jsonl, stored but unanswered", r"/data/eval\.jsonl$", nth=1, when="after"),
     Point("format marker, mid-body", r"/_stages/format\.json$", after_bytes=600),
     Point("format marker, stored but unanswered", r"/_stages/format\.json$", nth=1, when="after"),
-    Point("train.started marker, before", r"/_stages/train\.started\.json$", nth=1),
+    # train.started is written at train's first write (the first checkpoint), after the model download.
     Point("model download, second ranged GET", r"inputs/model/model\.safetensors$", nth=2, method="GET"),
+    Point("train.started marker, before", r"/_stages/train\.started\.json$", nth=1),
     Point("checkpoint-2 optimizer.pt, mid-body", r"/checkpoints/checkpoint-2/optimizer\.pt$", after_bytes=300_000),
     Point("checkpoint-2, after 6 of its 10 files", r"/checkpoints/checkpoint-2/", nth=7),
     Point("checkpoints/LATEST, before (files uploaded)", r"/checkpoints/LATEST$", nth=1),

@@ -3,17 +3,19 @@
 import pytest
 
 from job.config import load_config
-from job.errors import ConfigError, StaleStageError
+from job.errors import ConfigError, InputError, StaleStageError
 from job.pipeline import Pipeline, Stage
 from job.storage import open_store
 
 
-def make_pipeline(root, endpoint, tmp_path, calls, *sets, fail_in=None):
+def make_pipeline(root, endpoint, tmp_path, calls, *sets, fail_in=None, reject_input_in=None):
     cfg = load_config(None, ("run_uri=" + root, "data.uri=/d.csv", "model.uri=/m", *sets), environ={})
 
     def stage(name, output):
         def run(cfg, ctx):
             calls.append(name)
+            if name == reject_input_in:  # its input check fails before it writes anything
+                raise InputError(f"{name}: bad input")
             if name == fail_in:
                 ctx.store.write_text(f"{output}/partial.txt", "half")
                 raise RuntimeError("boom")
@@ -102,3 +104,62 @@ def test_disabled_stage_and_missing_upstream(store_root, tmp_path):
         p.run(["train"])
     p.run()
     assert calls == ["format", "train"]
+
+
+def run_listing(p):
+    return {name: p.store.read_bytes(name) for name in p.store.list()}
+
+
+def test_forced_stage_whose_input_is_bad_deletes_nothing(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    make_pipeline(root, endpoint, tmp_path, calls).run()
+    before = run_listing(make_pipeline(root, endpoint, tmp_path, calls))
+    p = make_pipeline(root, endpoint, tmp_path, calls, reject_input_in="format")
+    with pytest.raises(InputError):
+        p.run(force="format")
+    assert run_listing(p) == before
+    assert states(make_pipeline(root, endpoint, tmp_path, calls)) == {"format": "done", "train": "done", "merge": "done"}
+
+
+def test_force_clears_only_at_the_first_write_and_later_markers_go_first(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    make_pipeline(root, endpoint, tmp_path, calls).run()
+    # train fails after writing: format is kept, train's and merge's old results are gone (not claimed).
+    p = make_pipeline(root, endpoint, tmp_path, calls, fail_in="train")
+    with pytest.raises(RuntimeError):
+        p.run(force="train")
+    assert p.marker("format") is not None and p.marker("train") is None and p.marker("merge") is None
+    assert not p.store.exists("merged/result.txt") and not p.store.exists("adapter/result.txt")
+    assert p.store.exists("adapter/partial.txt")
+
+
+def test_failed_before_writing_leaves_no_started_marker(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    with pytest.raises(InputError):
+        make_pipeline(root, endpoint, tmp_path, calls, reject_input_in="train").run()
+    p = make_pipeline(root, endpoint, tmp_path, calls, "train.lora_r=4")  # the corrected settings
+    assert p.marker("train", ".started") is None
+    p.run()  # not refused as "partial results were made with other settings"
+    assert states(p) == {"format": "done", "train": "done", "merge": "done"}
+
+
+def test_stale_stage_is_refused_before_anything_runs_or_is_written(store_root, tmp_path):
+    root, endpoint = store_root
+    calls = []
+    make_pipeline(root, endpoint, tmp_path, calls, "merge.enabled=false").run()
+    calls.clear()
+    p = make_pipeline(root, endpoint, tmp_path, calls, "train.lora_r=8")  # merge now pending, train stale
+    before = run_listing(p)
+    with pytest.raises(StaleStageError, match="--force train"):
+        p.run()
+    assert calls == [] and run_listing(p) == before
+
+
+def test_force_of_a_stage_not_selected_is_refused(store_root, tmp_path):
+    root, endpoint = store_root
+    p = make_pipeline(root, endpoint, tmp_path, [])
+    with pytest.raises(ConfigError, match="--force train: stage train is not among the stages to run"):
+        p.run(["format"], force="train")
