@@ -36,7 +36,43 @@ def _load(config_file, assignments):
     return cfg
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Parameters that are file paths: any bytes are a valid name on Linux, so they are not held to UTF-8.
+PATH_PARAMS = ("config_file", "input_file", "out_dir", "source")
+
+
+class _Utf8Command(click.Command):
+    """Refuses arguments that are not valid UTF-8 before the command runs, naming the option (and the key
+    of a --set): Python hands such bytes over as lone surrogates, which crash the first write or print."""
+
+    def invoke(self, ctx):
+        from job.config import _not_utf8
+
+        for param in self.params:
+            if param.name in PATH_PARAMS:
+                continue
+            values = ctx.params.get(param.name)
+            for index, value in enumerate(values if isinstance(values, (tuple, list)) else [values]):
+                if not isinstance(value, str):
+                    continue
+                key, _, assigned = value.partition("=")
+                problem = _not_utf8(assigned) or _not_utf8(key) if param.name == "assignments" else _not_utf8(value)
+                if not problem:
+                    continue
+                if param.name == "assignments":  # name the key, never the value (it may be a secret)
+                    where = f"--set {key.encode('utf-8', 'backslashreplace').decode()}"
+                elif param.param_type_name == "argument":
+                    where = f"{(param.metavar or param.name.upper()).strip('[].')} argument {index + 1}"
+                else:
+                    where = param.opts[0]
+                raise click.UsageError(f"{where}: {problem}", ctx)
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Utf8Command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="qlora-job")
 def cli(verbose):
@@ -70,6 +106,9 @@ def run(config_file, assignments, stages, force):
     if unknown:
         raise click.BadParameter(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}",
                                  param_hint="--stages")
+    if not selected:  # an empty list must not mean "everything": that would train when nothing was asked
+        raise click.BadParameter(f"no stage named in {stages!r}; choose one or more of {', '.join(STAGES)} "
+                                 "(comma-separated)", param_hint="--stages")
     _run_stages(config_file, assignments, selected, force)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 import re
 import types
@@ -22,6 +24,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from job.errors import ConfigError
+
+log = logging.getLogger("job.config")
 
 REDACTED = "***"
 
@@ -233,6 +237,10 @@ SECRET_KEYS = frozenset(f"{name}.{f.name}" for name in SECTIONS
                         for f in dataclasses.fields(getattr(Config(), name)) if f.metadata.get("secret"))
 REQUIRED = ("run_uri", "data.uri", "model.uri")
 ENV_PREFIX = "JOB_"
+# Top-level JOB_* variables that are settings of the job but not config keys (the entry point, logging
+# and the cache read them). Any other JOB_* name without two underscores is not ours and is ignored.
+ENV_SETTINGS = ("JOB_CACHE_DIR", "JOB_NPROC", "JOB_EXIT_CODE_FILE", "JOB_SAGEMAKER_HYPERPARAMETERS",
+                "JOB_LOG_FORMAT", "JOB_SHUTDOWN_TIMEOUT")
 SAGEMAKER_HYPERPARAMETERS = "/opt/ml/input/config/hyperparameters.json"
 
 
@@ -253,9 +261,16 @@ def _flatten(tree: dict, source: str, problems: list, prefix: str = "") -> dict:
 
 def _file_layer(path: str, problems: list) -> dict:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         problems.append(f"--config {path}: cannot read ({exc.strerror})")
+        return {}
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        problems.append(f"--config {path}: line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+                        "re-save the file as UTF-8")
         return {}
     try:
         tree = yaml.safe_load(text) or {}
@@ -286,15 +301,42 @@ def _hyperparameters_layer(path: str, problems: list) -> dict:
             if not key.startswith("sagemaker_")}
 
 
-def _env_layer(environ: dict) -> dict:
+def _env_layer(environ: dict, problems: list) -> dict:
+    """JOB_<SECTION>__<KEY> and JOB_RUN_URI are configuration; ENV_SETTINGS are read elsewhere. Any other
+    JOB_* name belongs to someone else (Jenkins sets JOB_NAME, JOB_URL, JOB_BASE_NAME) and is ignored,
+    with a debug note. A name with the documented shape (two underscores, JOB_TRAN__LR) is always read,
+    so a misspelt section or key is an error, not a silently ignored setting."""
     flat = {}
+    top_level = {f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("JOB_CACHE_DIR", "JOB_NPROC", "JOB_EXIT_CODE_FILE"):
+        if not name.startswith(ENV_PREFIX) or name in ENV_SETTINGS:
             continue
         rest = name[len(ENV_PREFIX):].lower()
-        dotted = rest.replace("__", ".", 1) if "__" in rest else rest
+        if "__" in rest:
+            dotted = rest.replace("__", ".", 1)
+        elif rest in top_level:
+            dotted = rest
+        else:
+            log.debug("environment variable %s: not a JOB_<SECTION>__<KEY> or JOB_RUN_URI setting; ignored", name)
+            continue
+        bad = _not_utf8(value)
+        if bad:
+            problems.append(f"environment variable {name}: {bad}")
+            continue
         flat[dotted] = (value if dotted in SECRET_KEYS else _parse_scalar(value), f"environment variable {name}")
     return flat
+
+
+def _not_utf8(text: str) -> str:
+    """'' for proper text, else what is wrong: Python turns bytes that are not UTF-8 in arguments and
+    environment variables into lone surrogates (surrogateescape), which would crash the first write."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start].encode("utf-8", "surrogateescape") if "\udc80" <= text[exc.start] <= "\udcff" else b""
+        byte = f"byte 0x{raw[0]:02x}" if raw else "a lone surrogate"
+        return f"not valid UTF-8 ({byte} at character {exc.start + 1}); pass UTF-8 text"
 
 
 def _set_layer(assignments: tuple, problems: list) -> dict:
@@ -305,6 +347,10 @@ def _set_layer(assignments: tuple, problems: list) -> dict:
             continue
         key, value = item.split("=", 1)
         key = key.strip()
+        bad = _not_utf8(key) or _not_utf8(value)
+        if bad:  # named by key only: the value may be a secret
+            problems.append(f"--set {key.encode('utf-8', 'backslashreplace').decode()}: {bad}")
+            continue
         flat[key] = (value if key in SECRET_KEYS else _parse_scalar(value), f"--set {key}")
     return flat
 
@@ -395,7 +441,7 @@ def load_config(config_file: Optional[str] = None, assignments: tuple = (),
         layers.append(_file_layer(config_file, problems))
     hp_path = hyperparameters or environ.get("JOB_SAGEMAKER_HYPERPARAMETERS", SAGEMAKER_HYPERPARAMETERS)
     layers.append(_hyperparameters_layer(hp_path, problems))
-    layers.append(_env_layer({k: v for k, v in environ.items() if k != "JOB_SAGEMAKER_HYPERPARAMETERS"}))
+    layers.append(_env_layer(environ, problems))
     layers.append(_set_layer(assignments, problems))
 
     cfg = Config()
@@ -486,7 +532,114 @@ def _check_values(cfg: Config) -> list[str]:
     if cfg.storage.lease_seconds < 3:
         problems.append(f"storage.lease_seconds: must be at least 3 (it is renewed every third), "
                         f"got {cfg.storage.lease_seconds}")
+    problems.extend(_check_run_values(cfg))
     problems.extend(_check_uris(cfg))
+    return problems
+
+
+# transformers' SchedulerType and OptimizerNames values (transformers 5.x), kept as literals because
+# importing transformers' enums costs seconds (it imports torch) and `job config` must stay fast;
+# tests/test_config_checks.py checks that these lists still equal the installed transformers' enums.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+# Scheduler names transformers knows that this job cannot run: they need settings it has no key for.
+UNSUPPORTED_SCHEDULERS = {
+    "reduce_lr_on_plateau": "needs evaluation during training",
+    "greedy": "needs evaluation during training",
+    "cosine_with_min_lr": "needs lr_scheduler_kwargs (min_lr)",
+    "cosine_warmup_with_min_lr": "needs lr_scheduler_kwargs (min_lr)",
+    "warmup_stable_decay": "needs lr_scheduler_kwargs (num_decay_steps)",
+}
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit",
+    "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit",
+    "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop",
+    "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+    "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+    "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+    "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw",
+)
+SEED_MAX = 2**32 - 1  # numpy's RandomState (pandas' sample) takes seeds in 0..2**32-1
+
+
+def shard_size_bytes(value: str) -> int:
+    """merge.max_shard_size in bytes, with transformers' convert_file_size_to_int semantics: a byte count
+    (2000000000) or digits and a unit: GB/MB/KB (powers of 10), GiB/MiB/KiB (powers of 2), lower-case
+    b for bits (2Gb = 250000000 bytes). ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*([GMK]i?[Bb])?\s*", value, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(value)
+    number, unit = int(match.group(1)), match.group(2)
+    if unit is None:
+        return number
+    power = {"G": 3, "M": 2, "K": 1}[unit[0].upper()]
+    if unit[1] in "iI":
+        return number * 2 ** (10 * power)
+    return number * 10 ** (3 * power) // (8 if unit.endswith("b") else 1)
+
+
+def _check_run_values(cfg: Config) -> list[str]:
+    """Values that would otherwise fail (or silently do nothing) only inside a stage, after the expensive
+    work before it: every rule here is listed in the README's "Configuration" section."""
+    problems = []
+    d, t, m = cfg.data, cfg.train, cfg.merge
+    if d.max_rows is not None and d.max_rows < 1:
+        problems.append(f"data.max_rows: must be positive (or null for all rows), got {d.max_rows}")
+    for key in ("data.seed", "train.seed"):
+        if not 0 <= get_key(cfg, key) <= SEED_MAX:
+            problems.append(f"{key}: must be between 0 and {SEED_MAX} (2**32-1), got {get_key(cfg, key)}")
+    if d.label is not None:
+        for other in ("source_column", "target_column"):
+            if d.label_column == getattr(d, other):
+                problems.append(f"data.label_column and data.{other}: must name different columns (both "
+                                f"{d.label_column!r}); or set data.label: null to keep every row")
+    if d.eval_size == 0 and cfg.evaluate.enabled:
+        problems.append("data.eval_size: is 0, but evaluate.enabled is true and evaluation needs held-out rows; "
+                        "set data.eval_size above 0, or evaluate.enabled: false")
+    for key in ("train.learning_rate", "train.lora_alpha"):
+        value = get_key(cfg, key)
+        if not (value > 0 and math.isfinite(value)):
+            problems.append(f"{key}: must be a positive number, got {value}")
+    for key in ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.checkpoint_every_steps",
+                "train.checkpoint_every_minutes", "train.dataloader_workers", "merge.tolerance"):
+        value = get_key(cfg, key)
+        if not (value >= 0 and math.isfinite(value)):
+            problems.append(f"{key}: must be >= 0, got {value}")
+    if t.logging_steps < 1:
+        problems.append(f"train.logging_steps: must be positive, got {t.logging_steps}")
+    if m.check_prompts < 1:
+        problems.append(f"merge.check_prompts: must be positive, got {m.check_prompts}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"train.max_steps: must be positive, or -1 to run train.epochs, got {t.max_steps}")
+    if t.max_steps == -1 and not (t.epochs > 0 and math.isfinite(t.epochs)):
+        problems.append(f"train.epochs: must be positive when train.max_steps is -1, got {t.epochs}")
+    if t.lr_scheduler in UNSUPPORTED_SCHEDULERS:
+        problems.append(f"train.lr_scheduler: {t.lr_scheduler!r} {UNSUPPORTED_SCHEDULERS[t.lr_scheduler]}, which "
+                        f"this job does not set; choose one of {', '.join(SCHEDULERS)}")
+    elif t.lr_scheduler not in SCHEDULERS:
+        problems.append(f"train.lr_scheduler: must be one of {', '.join(SCHEDULERS)}, got {t.lr_scheduler!r}")
+    if t.optimizer != "auto" and t.optimizer not in OPTIMIZERS:
+        close = [name for name in OPTIMIZERS if name.startswith(t.optimizer[:5])] or ["adamw_torch", "adamw_torch_fused",
+                                                                                   "paged_adamw_8bit", "sgd"]
+        problems.append(f"train.optimizer: must be auto or a transformers optimizer name (e.g. {', '.join(close[:6])}), "
+                        f"got {t.optimizer!r}")
+    if isinstance(t.target_modules, list):
+        if not t.target_modules or not all(isinstance(n, str) and n.strip() for n in t.target_modules):
+            problems.append(f"train.target_modules: must be \"all-linear\" or a non-empty list of module names "
+                            f"(e.g. [q_proj, v_proj]), got {t.target_modules!r}")
+    elif not t.target_modules.strip():
+        problems.append("train.target_modules: must be \"all-linear\" or a list of module names, got ''")
+    if t.packing and isinstance(t.packing_length, int) and 0 < t.packing_length < t.max_seq_length:
+        problems.append(f"train.packing_length ({t.packing_length}) is shorter than train.max_seq_length "
+                        f"({t.max_seq_length}): an example of train.max_seq_length tokens would not fit in a packed "
+                        "row; raise train.packing_length or lower train.max_seq_length")
+    try:
+        if shard_size_bytes(m.max_shard_size) < 1:
+            raise ValueError(m.max_shard_size)
+    except ValueError:
+        problems.append(f"merge.max_shard_size: must be a size such as 2GB, 500MB, 4GiB or a number of bytes, "
+                        f"got {m.max_shard_size!r}")
     return problems
 
 

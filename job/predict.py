@@ -214,8 +214,8 @@ def _read_input_file(input_file: str, storage_opts: dict) -> str:
     import sys
 
     if input_file == "-":
-        return sys.stdin.read()
-    if is_s3(input_file):
+        data = sys.stdin.buffer.read()  # bytes: a text read would crash on the first byte that is not UTF-8
+    elif is_s3(input_file):
         parent, name = split_uri(input_file)
         data = open_store(parent, **storage_opts).read_bytes(name)
     else:
@@ -226,7 +226,10 @@ def _read_input_file(input_file: str, storage_opts: dict) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"--input {input_file}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+        line = data[:exc.start].count(b"\n") + 1
+        where = f"stdin line {line}" if input_file == "-" else f"--input {input_file} line {line}"
+        raise InputError(f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "give UTF-8 text (re-save the file as UTF-8)") from None
 
 
 def _csv_column(text: str, name: str, column: str) -> list[str]:

@@ -31,7 +31,7 @@ import struct
 import time
 from pathlib import Path
 
-from job.config import Config
+from job.config import Config, shard_size_bytes
 from job.errors import JobError
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.stages import storage_options
@@ -324,7 +324,8 @@ def save_merged(model, tokenizer, out_dir: Path, max_shard_size: str) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    # In bytes: transformers reads a str such as "2000" (a YAML number) as a malformed size.
+    model.save_pretrained(out_dir, max_shard_size=shard_size_bytes(max_shard_size))
     tokenizer.save_pretrained(out_dir)
     # Batched generation pads on the left: make that the saved default for whoever serves merged/
     # (transformers writes padding_side only when it was given at load time, so set it in the file).
