@@ -1,12 +1,31 @@
-"""Logging to stderr with timestamps, and a filter that masks secrets wherever they would appear."""
+"""Logging to stderr with timestamps, and a filter that masks secrets wherever they would appear.
+
+Two formats, chosen by JOB_LOG_FORMAT: `text` (the default, one readable line per record) and `json`
+(one JSON object per line, for log pipelines). Batch platforms (kubectl logs, CloudWatch, a RunPod
+console) keep every byte a program writes, so progress bars redrawn with carriage returns become
+walls of text there: bars are drawn only when stderr is a terminal and the format is text;
+otherwise the train stage logs one progress line per logging step (job/progress.py).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
+import warnings
 
 from job.config import ENV_PREFIX, REDACTED, SECRET_KEYS, Config, redact_text, secret_values
+from job.errors import ConfigError
+
+LOG_FORMAT_ENV = "JOB_LOG_FORMAT"
+LOG_FORMATS = ("text", "json")
+# Libraries that give their loggers a handler of their own (writing straight to stderr, past our
+# format and our secret filter): their records are sent to the root handler instead.
+LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "trl", "peft", "accelerate", "bitsandbytes")
+
+_format = "text"  # set by setup_logging
 
 # Credentials that may sit in the environment (never in the config file, ideally): their values are
 # masked in every log line too, whatever prints them.
@@ -32,16 +51,106 @@ class SecretFilter(logging.Filter):
         masked = self.mask(message)
         if masked != message:
             record.msg, record.args = masked, ()
+        if record.exc_info and not record.exc_text:  # the formatters reuse this cached, masked text
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):  # structured fields of a JSON line are masked like the message
+            record.fields = {k: self.mask(v) if isinstance(v, str) else v for k, v in fields.items()}
         return True
 
 
-def setup_logging(level=logging.INFO) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts (UTC, ISO 8601), level, logger, message, the record's
+    structured `fields` (extra={"fields": {...}}: the train stage's progress numbers) and, for an
+    exception, its traceback text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update({k: v for k, v in fields.items() if k not in entry})
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def log_format(environ=os.environ) -> str:
+    """JOB_LOG_FORMAT: text (default) or json; anything else is a configuration error (exit 2)."""
+    value = environ.get(LOG_FORMAT_ENV, "").strip().lower() or "text"
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{LOG_FORMAT_ENV}={environ[LOG_FORMAT_ENV]!r}: unknown log format; "
+                          f"use one of {', '.join(LOG_FORMATS)}")
+    return value
+
+
+def progress_bars() -> bool:
+    """Draw progress bars only for a person watching a terminal; a log file or a JSON pipeline
+    gets one line per logging step instead (job/progress.py)."""
+    return _format == "text" and sys.stderr.isatty()
+
+
+def setup_logging(level=logging.INFO, libraries: bool = True, environ=os.environ) -> None:
+    """Configure the root handler on stderr in the JOB_LOG_FORMAT format.
+
+    Warnings (DeprecationWarning, FutureWarning, ...) are logged through the `py.warnings` logger
+    (log_warning),
+    so they get a timestamp, a level and the secret filter, and are JSON lines in json mode.
+    `libraries`: also take over the handlers of transformers & co. (importing transformers costs
+    about a second, so the commands that never load a model skip it)."""
+    global _format
+    fmt, problem = "text", None
+    try:
+        fmt = log_format(environ)
+    except ConfigError as exc:  # reported (exit 2) once the text handler is in place
+        problem = exc
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("job").setLevel(level)
+    warnings.showwarning = log_warning  # like logging.captureWarnings(True), as one line
+    if problem is not None:
+        raise problem
+    if not progress_bars():
+        # Read by huggingface_hub, transformers ("Loading weights", "Writing model shards") and
+        # datasets (map, packing) when they are imported, which happens after this.
+        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
+    if libraries:
+        adopt_library_loggers()
+
+
+def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the job: a warning becomes one WARNING record of the `py.warnings`
+    logger (the name logging.captureWarnings uses) naming its category and where it was raised,
+    instead of two raw lines on stderr."""
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+
+def adopt_library_loggers() -> None:
+    """Send the records of transformers, datasets & co. through the root handler (our format and
+    the secret filter) instead of the stderr handlers they install on their own loggers. Call it
+    again after importing such a library (datasets installs its handler on import)."""
+    try:
+        import transformers.utils.logging as transformers_logging
+    except ImportError:
+        transformers_logging = None
+    if transformers_logging is not None:
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+    root_handlers = logging.getLogger().handlers
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [h for h in logger.handlers if h in root_handlers]
+        logger.propagate = True
 
 
 def add_secret_filter(cfg: Config | None, environ=os.environ) -> None:

@@ -188,6 +188,7 @@ class CheckpointSync(TrainerCallback):
         self.pending: list[Future] = []
         self.last_save = time.monotonic()
         self.last_uploaded_step: Optional[int] = None
+        self.last_uploaded_at: Optional[float] = None  # time.monotonic() of the last upload; progress lines show its age
         self.uploaded_steps: list[int] = []
 
     # -- trainer events ------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class CheckpointSync(TrainerCallback):
                   "settings": self.settings, "processes": self.ranks.world_size,
                   "uploaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.store.write_text(LATEST, json.dumps(latest, indent=2) + "\n")  # last: publishes the checkpoint
-        self.last_uploaded_step = step
+        self.last_uploaded_step, self.last_uploaded_at = step, time.monotonic()
         self.uploaded_steps.append(step)
         self.log.info("checkpoint %d uploaded to %s in %.1f s", step, self.store.uri_of(rel), time.monotonic() - t0)
         self._prune(folder)

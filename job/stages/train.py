@@ -262,6 +262,11 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
+    from job.logs import adopt_library_loggers, progress_bars
+    from job.progress import use_progress_log
+
+    adopt_library_loggers()  # trl imported datasets, which installs its own stderr handler
+
     t = cfg.train
     on_cuda = torch.cuda.is_available()
     args = SFTConfig(
@@ -278,8 +283,7 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
         optim=t.optimizer if t.optimizer != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
         bf16=dtype == torch.bfloat16 and on_cuda,
         fp16=dtype == torch.float16 and on_cuda,
-        gradient_checkpointing=settings["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **activation_checkpointing_args(SFTConfig, settings["gradient_checkpointing"]),
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if t.checkpoint_every_steps > 0 else "no",
@@ -297,7 +301,7 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
         completion_only_loss=True,
         dataset_num_proc=None,
         use_cpu=not on_cuda,
-        disable_tqdm=not ctx.ranks.is_main,
+        disable_tqdm=not (ctx.ranks.is_main and progress_bars()),  # else one log line per step (job/progress.py)
         # LoRA leaves every trainable parameter in the graph; searching for unused ones costs a pass.
         ddp_find_unused_parameters=False,
         ddp_timeout=int(t.distributed_timeout_minutes * 60),
@@ -319,4 +323,16 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     trainer.checkpoint_sync = sync
+    use_progress_log(trainer, ctx.log, sync, bars=ctx.ranks.is_main and progress_bars())
     return trainer
+
+
+def activation_checkpointing_args(config_class, enabled: bool) -> dict:
+    """transformers 5.2x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`
+    and warns about the old names; 5.17 (the GPU image) knows only the old ones. Use the name this
+    TrainingArguments has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
