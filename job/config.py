@@ -87,7 +87,7 @@ class ModelConfig:
     cache_dir: str = ""
     """Where the model is downloaded once and reused on restart. Empty: $JOB_CACHE_DIR or ~/.cache/qlora-job."""
     attn_implementation: str = "auto"
-    """auto, sdpa, eager, flex_attention, flash_attention_2 ... (auto: sdpa; flex_attention trains faster on GPUs but compiles on first use, see docs/benchmarks.md)."""
+    """auto, varlen, sdpa, eager, flex_attention, flash_attention_2 ... (auto: training uses varlen, PyTorch's variable-length FlashAttention, on a CUDA GPU with packed batches, else sdpa; inference uses sdpa. flex_attention compiles on first use, see docs/benchmarks.md)."""
 
 
 @dataclass
@@ -157,6 +157,8 @@ class TrainConfig:
     """Tokens per packed row ("auto": chosen from free GPU memory)."""
     gradient_checkpointing: Union[bool, str] = "auto"
     """Recompute activations to save memory ("auto": from free GPU memory)."""
+    liger: Union[bool, str] = "auto"
+    """Liger kernels for RoPE, RMSNorm and SwiGLU (package liger-kernel, in the image and the `gpu` extra): auto uses them on CUDA when installed and the architecture is supported; true requires them (exit 2 if they cannot be used); false: off."""
     seed: int = 42
     """Seed for LoRA initialisation, shuffling and dropout."""
     logging_steps: int = 10
@@ -519,6 +521,8 @@ def _check_values(cfg: Config) -> list[str]:
     if isinstance(cfg.train.gradient_checkpointing, str) and cfg.train.gradient_checkpointing != "auto":
         problems.append(f"train.gradient_checkpointing: must be true, false or \"auto\", "
                         f"got {cfg.train.gradient_checkpointing!r}")
+    if isinstance(cfg.train.liger, str) and cfg.train.liger != "auto":
+        problems.append(f"train.liger: must be true, false or \"auto\", got {cfg.train.liger!r}")
     if cfg.evaluate.max_examples is not None and cfg.evaluate.max_examples < 1:
         problems.append(f"evaluate.max_examples: must be positive (or null for all), got {cfg.evaluate.max_examples}")
     if cfg.evaluate.temperature <= 0:

@@ -36,6 +36,14 @@ class StorageError(JobError):
     exit_code = EXIT_STORAGE
 
 
+class MissingObject(StorageError):
+    """A file or object that is not there, in a folder or bucket that is: retrying cannot help, so it
+    is bad input (exit 2) on every backend. A missing bucket, denied access or an unreachable
+    endpoint stay StorageErrors (exit 3)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class Preempted(JobError):
     """SIGTERM arrived; a checkpoint was saved and uploaded, so a rerun continues from it."""
 

@@ -153,15 +153,35 @@ def compute_dtype(name: str):
 
 
 def attn_implementation(cfg: Config, training: bool = False) -> str:
-    """Attention kernel. Packed training sends position ids that restart per example; transformers
-    turns them into a document mask, so packed examples never attend to each other, with any kernel.
+    """Attention kernel. Packed training sends position ids that restart per example, so packed
+    examples never attend to each other, with any kernel (sdpa and eager build a document mask from
+    them; varlen and flash attention take the document boundaries).
 
-    auto is sdpa. flex_attention trains a 7B model twice as fast on an H200 (11,240 vs 5,391
-    tokens/s, docs/benchmarks.md) because it skips the masked blocks, but its kernels are compiled
-    on the first step (61-77 s measured) and one start on a fresh machine did not finish within
-    5 minutes, so it is opt-in (`model.attn_implementation: flex_attention`) until that is bounded.
-    Inference always uses sdpa unless set: generation with a KV cache gains nothing from flex.
+    Training: see training_attention (auto is varlen on CUDA for packed batches, else sdpa).
+    Inference (merge, evaluate, predict) uses sdpa unless a name is set: generation with a KV cache
+    gains nothing from varlen or flex, and varlen is a training kernel (no cache), so it means sdpa there.
     """
-    if cfg.model.attn_implementation != "auto":
-        return cfg.model.attn_implementation
-    return "sdpa"
+    if training:
+        return training_attention(cfg)[0]
+    if cfg.model.attn_implementation in ("auto", "varlen"):
+        return "sdpa"
+    return cfg.model.attn_implementation
+
+
+def training_attention(cfg: Config) -> tuple[str, str]:
+    """The training attention and the reason (logged and kept in the train marker).
+
+    auto: PyTorch's varlen_attn (job/attention.py) on a CUDA GPU when torch has it and batches are
+    packed: 12,300 tokens/s for a 7B QLoRA on an H200 against sdpa's 4,800-6,500, with no compile
+    step (flex_attention is about as fast once compiled, but compiling took minutes on a fresh
+    machine). Otherwise sdpa. An explicit "varlen" that cannot run here is a configuration error.
+    """
+    from job.attention import choose_training_attention, register
+
+    try:
+        name, reason = choose_training_attention(cfg.model.attn_implementation, cfg.train.packing)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if name == "varlen":
+        register()
+    return name, reason

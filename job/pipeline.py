@@ -34,6 +34,7 @@ from job import distributed
 from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, Ranks
 from job.errors import ConfigError, InputError, JobError, MainProcessFailed, Preempted, StaleStageError
+from job.input_identity import describe
 from job.stage_store import StageStore
 from job.storage import Store
 
@@ -58,6 +59,9 @@ class Stage:
     disabled_reason: str = ""
     all_ranks: bool = False
     """Runs on every process of a multi-GPU run (data-parallel training), not on rank 0 alone."""
+    inputs: Optional[Callable[[Config], dict]] = None
+    """{"data.uri": identity or None} of the files outside the run it reads (job/input_identity.py):
+    part of the fingerprint, so the same URI with other content makes the stage stale."""
 
 
 @dataclass
@@ -95,11 +99,19 @@ def flat_config(cfg: Config, keys: tuple[str, ...], ignore: tuple[str, ...] = ()
                 flat[f"{key}.{name}"] = item
         else:
             flat[key] = redact_text(value) if isinstance(value, str) else value
-    return {k: v for k, v in flat.items() if k not in ignore}
+    return {k: _same_uri(k, v) for k, v in flat.items() if k not in ignore}
 
 
-def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str]) -> str:
+def _same_uri(key: str, value):
+    """'s3://b/model/' and 's3://b/model' name the same thing: a trailing slash changes no fingerprint."""
+    stripped = value.rstrip("/") if key.endswith("uri") and isinstance(value, str) else ""
+    return stripped if stripped and not stripped.endswith(":") else value  # "/" and "s3://" stay
+
+
+def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str], inputs: Optional[dict] = None) -> str:
     payload = {"config": flat_config(cfg, stage.config_keys, stage.ignore), "upstream": upstream, "version": job.__version__}
+    if inputs:  # absent for stages without outside inputs: their fingerprints stay as they were
+        payload["inputs"] = inputs
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -115,6 +127,7 @@ class Pipeline:
         self.store = store
         self.work_dir = Path(work_dir)
         self.forced: tuple[str, ...] = ()
+        self._identities: dict[str, dict] = {}
         """The forced stage and every stage after it: their markers no longer count."""
         self._config_recorded = False
 
@@ -149,10 +162,31 @@ class Pipeline:
                 result.append(Status(name, "disabled", stage.disabled_reason))
                 continue
             upstream = {n: fps.get(n, "") for n in stage.needs if self.stages[n].enabled(self.cfg)}
-            fp = fingerprint(stage, self.cfg, upstream)
+            fp = fingerprint(stage, self.cfg, upstream, self._inputs(stage))
             fps[name] = fp
             result.append(self._status_of(stage, fp, upstream))
         return result
+
+    def _inputs(self, stage: Stage) -> Optional[dict]:
+        """The identity of the stage's outside inputs, looked up once per process (one stat or HEAD).
+        Where one cannot be known now (the file is gone, the endpoint is down), what the stage's marker
+        recorded stands in: a finished stage stays done without its input, and one that has to run
+        fails on that input with the real error."""
+        if stage.inputs is None:
+            return None
+        if stage.name not in self._identities:
+            self._identities[stage.name] = stage.inputs(self.cfg)
+        current = dict(self._identities[stage.name])
+        unknown = [k for k, v in current.items() if v is None]
+        if unknown:
+            recorded = {}
+            for record in (self.marker(stage.name), self.marker(stage.name, ".started")):
+                if record is not None and stage.name not in self.forced:
+                    recorded = record.get("inputs") or {}
+                    break
+            for key in unknown:
+                current[key] = recorded.get(key)
+        return current
 
     def _status_of(self, stage: Stage, fp: str, upstream: dict) -> Status:
         if stage.name in self.forced:
@@ -177,6 +211,10 @@ class Pipeline:
         old, new = record.get("config", {}), flat_config(self.cfg, stage.config_keys, stage.ignore)
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                    if old.get(k) != new.get(k)]
+        for key, identity in (self._inputs(stage) or {}).items():
+            was = (record.get("inputs") or {}).get(key)
+            if was != identity:
+                changed.append(f"{key} content changed ({describe(was)} -> {describe(identity)})")
         for name, fp in upstream.items():
             if record.get("upstream", {}).get(name) != fp:
                 changed.append(f"stage {name} changed")
@@ -298,9 +336,12 @@ class Pipeline:
 
     def _run_stage(self, stage: Stage, upstream_markers: dict) -> dict:
         upstream = {n: m["fingerprint"] for n, m in upstream_markers.items()}
-        fp = fingerprint(stage, self.cfg, upstream)
+        inputs = self._inputs(stage)
+        fp = fingerprint(stage, self.cfg, upstream, inputs)
         record = {"stage": stage.name, "fingerprint": fp, "version": job.__version__, "upstream": upstream,
                   "config": flat_config(self.cfg, stage.config_keys, stage.ignore)}
+        if inputs:
+            record["inputs"] = inputs
         work_dir = self.work_dir / stage.name
         work_dir.mkdir(parents=True, exist_ok=True)
         log.info("stage %s: running (fingerprint %s)", stage.name, fp)

@@ -3,7 +3,8 @@
 Paths given to a store (`rel`) are '/'-separated and relative to its root; '' is the root. Writes are
 atomic: a local write goes to a hidden temp file that is renamed into place, an S3 write is one
 PutObject. Downloads are verified before they are renamed into place. Every failure becomes a
-`StorageError` (exit code 3) whose message names the URI and says what to check.
+`StorageError` (exit code 3) whose message names the URI and says what to check, but for a missing
+file or object in a folder or bucket that exists: `MissingObject` (exit code 2, retrying cannot help).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -31,7 +33,7 @@ from botocore.retries import standard as botocore_retries
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 
-from job.errors import InputError, StorageError
+from job.errors import InputError, MissingObject, StorageError
 
 # Temp files of interrupted local writes end like this; `list` skips them, as S3 hides unfinished uploads.
 TEMP_SUFFIX = ".incomplete"
@@ -121,7 +123,7 @@ class Store(ABC):
     def download_dir(self, rel: str, local_dir: str | Path) -> list[str]:
         names = self.list(rel)
         if not names:
-            raise StorageError(f"nothing found under {redact_uri(self.uri_of(rel))}/: check the path")
+            raise MissingObject(f"nothing found under {redact_uri(self.uri_of(rel))}/: check the path")
         self._parallel(lambda name: self.download_file(_join(rel, name), Path(local_dir) / name), names)
         return names
 
@@ -164,7 +166,7 @@ def local_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
-        raise StorageError(f"file not found: {uri}") from None
+        raise MissingObject(f"file not found: {uri}") from None
     except PermissionError:
         raise StorageError(f"permission denied: {uri}: check the owner and mode of the folder") from None
     except _Corrupt as exc:
@@ -286,7 +288,7 @@ class S3Store(Store):
             return StorageError(f"bucket does not exist: s3://{self.bucket} (NoSuchBucket) while accessing {uri}: "
                                 "check the bucket name, the region and the endpoint")
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageError(f"object not found: {uri}")
+            return MissingObject(f"object not found: {uri}")
         if code in ACCESS_CODES:
             return StorageError(f"access denied to {uri}: check the credentials/role and the bucket policy "
                                 f"({code}{': ' + message if message else ''})")
@@ -334,7 +336,7 @@ class S3Store(Store):
         with self._errors(rel):
             head = self._head_or_none(rel)
             if head is None:
-                raise StorageError(f"object not found: {redact_uri(self.uri_of(rel))}")
+                raise MissingObject(f"object not found: {redact_uri(self.uri_of(rel))}")
 
             def fetch() -> None:
                 _replace_atomically(Path(local_path), lambda tmp: self._fetch_verified(rel, tmp, head))
@@ -396,6 +398,78 @@ class S3Store(Store):
                     first = answer["Errors"][0]
                     raise StorageError(f"cannot delete s3://{self.bucket}/{first['Key']}: {first.get('Code')}: "
                                        f"{first.get('Message', '')} ({len(answer['Errors'])} keys failed)")
+
+    # -- conditional writes (the lease relies on them) ---------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return redact_uri(self.client.meta.endpoint_url)
+
+    def conditional_writes_problem(self, probe_rel: str) -> str | None:
+        """None when this endpoint and bucket honour If-None-Match and If-Match on PutObject; else what
+        the store did wrong. The verdict is cached for the process, per endpoint and bucket.
+
+        AWS S3 (since 2024) and moto answer a failed condition with 412; some S3-compatible servers
+        (s3rver, older releases of others) ignore the headers and overwrite, which would let two jobs
+        both "win" a lease."""
+        key = (self.client.meta.endpoint_url, self.bucket)
+        with _VERDICTS_LOCK:
+            if key not in _CONDITIONAL_VERDICTS:
+                _CONDITIONAL_VERDICTS[key] = self._probe_conditional_writes(probe_rel)
+            return _CONDITIONAL_VERDICTS[key]
+
+    def _probe_conditional_writes(self, rel: str) -> str | None:
+        """Write a fresh probe object with If-None-Match: *, then try three more conditional writes on it
+        (two that must fail, one that must succeed), then delete it.
+
+        Every PUT sends the same bytes, so the ETag never changes: a request that a retry repeats after
+        its first attempt landed gets the same answer (a retried create then fails its condition, which
+        only a store that checks conditions can do, so that is accepted)."""
+        body, key = b"probe of conditional writes; deleted at once\n", self._key(rel)
+        wrong = '"' + "0" * 32 + '"'
+
+        def put(**condition) -> str | None:
+            """The code of a failed condition (412/409), None on success; other errors as problems."""
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)
+                return None
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "?")
+                if code in CONDITION_FAILED_CODES:
+                    return code
+                if code in CONDITIONS_UNSUPPORTED_CODES:
+                    raise _Unsupported(f"it rejects {next(iter(condition))} with {code}") from None
+                raise
+
+        with self._errors(rel):
+            try:
+                put(IfNoneMatch="*")
+                etag = self.client.head_object(Bucket=self.bucket, Key=key)["ETag"]
+                if put(IfNoneMatch="*") is None:
+                    return "a PutObject with If-None-Match: * overwrote an existing object (S3 answers 412)"
+                if put(IfMatch=wrong) is None:
+                    return "a PutObject with If-Match: <another ETag> overwrote the object (S3 answers 412)"
+                if put(IfMatch=etag) is not None:
+                    return "a PutObject with If-Match: <the object's own ETag> was refused"
+                return None
+            except _Unsupported as exc:
+                return str(exc)
+            finally:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+
+
+# A condition that does not hold: 412 Precondition Failed, or 409 when a concurrent conditional write won.
+CONDITION_FAILED_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+# Answers of a store that does not implement the conditional headers at all.
+CONDITIONS_UNSUPPORTED_CODES = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest", "400"}
+# Verdicts of conditional_writes_problem per (endpoint, bucket): one probe per process and bucket, since
+# every Lease (and every test) would otherwise probe again. Guarded: leases may be taken from threads.
+_CONDITIONAL_VERDICTS: dict[tuple[str, str], str | None] = {}
+_VERDICTS_LOCK = threading.Lock()
+
+
+class _Unsupported(Exception):
+    """The store rejected a conditional header as unknown (instead of evaluating it)."""
 
 
 def verify_download(path: Path, head: dict, uri: str, part_sizes: list[int] = (), exact: bool = False) -> None:

@@ -94,11 +94,11 @@ def test_broken_model_folder_exits_2_naming_it(case, tiny_model_dir, tmp_path): 
     assert not (tmp_path / "run" / "_stages" / "train.json").exists()
 
 
-def test_model_uri_on_an_empty_s3_prefix_exits_3(s3_bucket, tmp_path):
+def test_model_uri_on_an_empty_s3_prefix_exits_2(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     result = run_job(*train_args(tmp_path / "run", f"s3://{bucket}/models/none"),
                      env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache"))
-    assert_clean_failure(result, 3, f"s3://{bucket}/models/none", "nothing found")
+    assert_clean_failure(result, 2, f"s3://{bucket}/models/none", "nothing found")
 
 
 # -- damaged checkpoints ---------------------------------------------------------------------------

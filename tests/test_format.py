@@ -108,10 +108,10 @@ def test_missing_data_file_and_too_few_rows(tmp_path):
     assert result.returncode == 2 and "only 1 usable rows, but data.eval_size is 50" in result.stderr
 
 
-def test_missing_s3_object_is_storage_error(s3_bucket, tmp_path):
+def test_missing_s3_object_is_bad_input_like_a_missing_file(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     result = run_job(*format_args(f"s3://{bucket}/run", f"s3://{bucket}/nope.csv"),
                      env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "c"))
-    assert result.returncode == 3, result.stderr
+    assert result.returncode == 2, result.stderr
     assert f"s3://{bucket}/nope.csv" in result.stderr
     assert not run_file_exists(f"s3://{bucket}/run", endpoint, "_stages/format.json")

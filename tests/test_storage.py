@@ -1,5 +1,6 @@
-"""job.storage: the same suite on a folder and on moto's S3 server (real boto3 over HTTP), plus what is
-particular to each backend: atomic local writes, and S3's missing bucket, access denied, dead endpoint."""
+"""job.storage: the same suite on a folder, on moto's S3 server and on s3rver (two S3 implementations, real
+boto3 over HTTP), plus what is particular to each backend: atomic local writes, and S3's missing bucket,
+access denied, dead endpoint, and the probe of conditional writes (honoured by moto, ignored by s3rver)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from job.errors import EXIT_STORAGE, InputError, StorageError
+from job.errors import EXIT_BAD_INPUT, InputError, StorageError
 from job.storage import (TEMP_SUFFIX, LocalStore, S3Store, is_s3, open_store, redact_uri, split_uri,
                          verify_download)
-from tests.s3server import make_bucket
+from tests.s3server import backend_root, make_bucket
 
 TEXT = "Ein Mann fährt Fahrrad. 自転車に乗る男。 — «ok» 🚲\n"
 
@@ -30,7 +31,25 @@ def stray_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.is_file() and TEMP_SUFFIX in p.name)
 
 
-# --- the same behaviour on both backends --------------------------------------------------------------
+@pytest.fixture(params=["local", "s3", "s3rver"])
+def store_root(request, tmp_path):
+    """Overrides conftest's store_root (local, moto) for this module: every S3 test here runs on moto ("s3")
+    and on s3rver too, since nothing in the store itself depends on conditional writes."""
+    return backend_root(request, tmp_path, request.param)
+
+
+@pytest.fixture(params=["s3", "s3rver"])
+def s3_endpoint(request):
+    return request.getfixturevalue({"s3": "moto_server", "s3rver": "s3rver_server"}[request.param])
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """Overrides conftest's s3_bucket (moto): a fresh bucket on each S3 implementation."""
+    return s3_endpoint, make_bucket(s3_endpoint)
+
+
+# --- the same behaviour on every backend --------------------------------------------------------------
 
 def test_open_store_picks_backend_and_names_uris(store_root):
     root, endpoint = store_root
@@ -96,7 +115,7 @@ def test_upload_and_download_file(store_root, tmp_path):
     assert stray_files(tmp_path) == []
 
 
-def test_large_file_round_trips_in_parallel_parts(store_root, tmp_path):
+def test_large_file_round_trips_in_parallel_parts(store_root, tmp_path, request):
     root, endpoint = store_root
     store = open_store(root, endpoint_url=endpoint, multipart_chunk_mb=5, max_concurrency=4)
     big = tmp_path / "big.bin"
@@ -108,7 +127,12 @@ def test_large_file_round_trips_in_parallel_parts(store_root, tmp_path):
     if is_s3(root):  # went up as a multipart upload: 5 + 5 + 2 MiB, so the ETag ends in "-3"
         bucket, prefix = root[5:].split("/", 1)
         head = client(endpoint).head_object(Bucket=bucket, Key=f"{prefix}/model/model.safetensors")
-        assert head["ETag"].strip('"').endswith("-3"), head["ETag"]
+        etag = head["ETag"].strip('"')
+        if request.node.callspec.params["store_root"] == "s3rver":
+            # s3rver gives a multipart object the MD5 of its whole bytes (S3 does not); downloads check that
+            assert etag == hashlib.md5(big.read_bytes()).hexdigest(), etag
+        else:
+            assert etag.endswith("-3"), etag
 
 
 def test_upload_and_download_dir(store_root, tmp_path):
@@ -128,12 +152,12 @@ def test_upload_and_download_dir(store_root, tmp_path):
     assert stray_files(tmp_path) == []
 
 
-def test_download_dir_of_nothing_is_storage_error(store_root, tmp_path):
+def test_download_dir_of_nothing_is_missing_object(store_root, tmp_path):
     store = open_store(store_root[0], endpoint_url=store_root[1])
     with pytest.raises(StorageError, match="nothing found under") as info:
         store.download_dir("checkpoints/checkpoint-9", tmp_path / "d")
     assert f"{store_root[0]}/checkpoints/checkpoint-9" in str(info.value)
-    assert info.value.exit_code == EXIT_STORAGE
+    assert info.value.exit_code == EXIT_BAD_INPUT  # missing, in a folder or bucket that exists: retrying cannot help
 
 
 def test_delete_file_and_prefix(store_root):
@@ -158,6 +182,7 @@ def test_missing_object_is_storage_error_naming_the_uri(store_root, tmp_path):
         store.read_text("data/train.jsonl")
     assert f"{root}/data/train.jsonl" in str(info.value)
     assert "not found" in str(info.value)
+    assert info.value.exit_code == 2
 
 
 def test_download_of_missing_object_leaves_nothing_behind(store_root, tmp_path):
@@ -230,8 +255,8 @@ def test_local_missing_source_and_dotdot(tmp_path):
 
 # --- S3 only ---------------------------------------------------------------------------------------------
 
-def test_s3_missing_bucket_says_so(moto_server, tmp_path):
-    store = open_store("s3://no-such-bucket-42/run", endpoint_url=moto_server, max_attempts=2)
+def test_s3_missing_bucket_says_so(s3_endpoint, tmp_path):
+    store = open_store("s3://no-such-bucket-42/run", endpoint_url=s3_endpoint, max_attempts=2)
     calls = [lambda: store.read_text("config.yaml"), lambda: store.write_text("config.yaml", "x"),
              lambda: store.download_file("data.csv", tmp_path / "d.csv"), lambda: store.list(),
              lambda: store.exists_dir("data"), lambda: store.upload_file(__file__, "t.py"),
@@ -243,10 +268,10 @@ def test_s3_missing_bucket_says_so(moto_server, tmp_path):
     assert not (tmp_path / "d.csv").exists()
 
 
-def test_s3_access_denied_names_uri_and_hints(s3_bucket, monkeypatch):
+def test_s3_access_denied_names_uri_and_hints(moto_server, monkeypatch):
     from moto.core.authorization import enable_iam_authentication
 
-    endpoint, bucket = s3_bucket
+    endpoint, bucket = moto_server, make_bucket(moto_server)  # moto only: s3rver has no IAM
     client(endpoint).put_object(Bucket=bucket, Key="secret/data.csv", Body=b"a,b\n")
     # A user that may list the bucket but not read or write objects.
     iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
@@ -303,11 +328,31 @@ def test_s3_bucket_root_and_folder_markers(s3_bucket):
     assert store.child("data").read_text("train.csv") == "x"
 
 
-def test_s3_stores_share_one_server_but_not_buckets(moto_server):
-    first, second = make_bucket(moto_server), make_bucket(moto_server)
+def test_s3_stores_share_one_server_but_not_buckets(s3_endpoint):
+    first, second = make_bucket(s3_endpoint), make_bucket(s3_endpoint)
     assert first != second
-    open_store(f"s3://{first}", endpoint_url=moto_server).write_text("a", "1")
-    assert open_store(f"s3://{second}", endpoint_url=moto_server).list() == []
+    open_store(f"s3://{first}", endpoint_url=s3_endpoint).write_text("a", "1")
+    assert open_store(f"s3://{second}", endpoint_url=s3_endpoint).list() == []
+
+
+def test_conditional_writes_probe_per_implementation(s3_endpoint, request):
+    """moto honours If-None-Match / If-Match as S3 does; s3rver ignores them. The probe object is deleted
+    either way, and the verdict is cached per endpoint and bucket (no second probe)."""
+    bucket = make_bucket(s3_endpoint)
+    store = open_store(f"s3://{bucket}/run", endpoint_url=s3_endpoint)
+    problem = store.conditional_writes_problem("_lease.probe-1")
+    if request.node.callspec.params["s3_endpoint"] == "s3rver":
+        assert problem == "a PutObject with If-None-Match: * overwrote an existing object (S3 answers 412)"
+    else:
+        assert problem is None
+    assert store.list() == []
+    requests = []
+    again = open_store(f"s3://{bucket}/elsewhere", endpoint_url=s3_endpoint)
+    again.client.meta.events.register("before-call.s3", lambda **kw: requests.append(kw["model"].name))
+    assert again.conditional_writes_problem("_lease.probe-2") == problem
+    assert requests == []
+    again.list()
+    assert requests == ["ListObjectsV2"]  # the hook does see this client's requests
 
 
 # --- verification and URI helpers ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Stage modules are imported lazily: `job plan` and `job config` must not pay for 
 from __future__ import annotations
 
 from job.config import Config
+from job.input_identity import file_identity
 from job.pipeline import Stage
 
 
@@ -41,7 +42,10 @@ def _lazy(module: str):
 
 def all_stages() -> list[Stage]:
     return [
-        Stage("format", _lazy("format"), config_keys=("data", "prompt"), outputs=("data",)),
+        # The CSV's identity (content hash, or ETag and version) is part of format's fingerprint: the same
+        # data.uri with other content makes format stale.
+        Stage("format", _lazy("format"), config_keys=("data", "prompt"), outputs=("data",),
+              inputs=lambda c: {"data.uri": file_identity(c.data.uri, storage_options(c))}),
         # storage settings and cache folders change where bytes travel, not the result: not in the keys.
         Stage("train", _lazy("train"), config_keys=("model.uri", "model.attn_implementation", "train"),
               ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=("adapter", "checkpoints", "tensorboard"),
