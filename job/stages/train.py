@@ -23,7 +23,8 @@ from pathlib import Path
 from job import distributed
 from job.config import Config
 from job.errors import InputError, JobError, Preempted
-from job.model import attn_implementation, compute_dtype, fetch_model, load_tokenizer
+from job.liger import apply_liger, choose_liger
+from job.model import compute_dtype, fetch_model, load_tokenizer, training_attention
 from job.platform import keep_compiled_kernels
 from job.stages import storage_options
 from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
@@ -50,7 +51,10 @@ def run(cfg: Config, ctx) -> dict:
 
     dtype = compute_dtype(cfg.train.compute_dtype)
     resume = find_resume_checkpoint(ctx.store, ctx.fingerprint, ctx.work_dir / "resume", ctx.log, ranks)
-    settings = distributed.broadcast(plan_batch(cfg, examples, model_dir))  # rank 0's plan, on every GPU
+    kernels = choose_kernels(cfg, model_dir)
+    ctx.log.info("train: attention %s (%s); Liger kernels %s (%s)", kernels["attention"],
+                 kernels["attention_reason"], "on" if kernels["liger"] else "off", kernels["liger_reason"])
+    settings = distributed.broadcast(plan_batch(cfg, examples, model_dir, kernels))  # rank 0's plan, on every GPU
     if resume is not None and ranks.distributed and resume.processes != ranks.world_size:
         ctx.log.warning("train: the checkpoint was made by %d processes, this run has %d: the effective batch "
                         "and the data order change from here on", resume.processes, ranks.world_size)
@@ -60,7 +64,7 @@ def run(cfg: Config, ctx) -> dict:
         settings = resume.settings
     ctx.log.info("train: %s, compute dtype %s, %s", "4-bit NF4 base (QLoRA)" if cfg.train.load_in_4bit
                  else "16/32-bit base (LoRA)", str(dtype).removeprefix("torch."), settings)
-    model = load_base_model(cfg, model_dir, dtype)
+    model = load_base_model(cfg, model_dir, dtype, kernels)
     quantized = count_4bit_layers(model)
     ctx.log.info("train: base model loaded: %d 4-bit (bitsandbytes Linear4bit) layers, %.2f GiB%s", quantized,
                  model.get_memory_footprint() / 2**30,
@@ -133,6 +137,8 @@ def run(cfg: Config, ctx) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "compute_dtype": str(dtype).removeprefix("torch."),
         "settings": settings,
+        "attention": {"implementation": kernels["attention"], "reason": kernels["attention_reason"]},
+        "liger": {"used": kernels["liger"], "reason": kernels["liger_reason"]},
         "label_check": label_report,
         "checkpoints_uploaded": sync.uploaded_steps,
         "processes": ranks.world_size,
@@ -164,7 +170,16 @@ def finished_state(checkpoint: Path):
     return state if 0 < state.max_steps <= state.global_step else None
 
 
-def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
+def choose_kernels(cfg: Config, model_dir: Path) -> dict:
+    """The attention implementation and whether Liger kernels are used, each with the reason (logged,
+    kept in the marker, and used by plan_batch: both change the memory a token costs)."""
+    attention, attention_reason = training_attention(cfg)
+    liger, liger_reason = choose_liger(cfg, model_dir)
+    return {"attention": attention, "attention_reason": attention_reason, "liger": liger,
+            "liger_reason": liger_reason}
+
+
+def plan_batch(cfg: Config, examples, model_dir: Path, kernels: dict | None = None) -> dict:
     """Micro-batch size, packing length and activation checkpointing: from config, or sized to the card.
 
     Measured on an H200 with a 7B model (docs/benchmarks.md), flex attention: without activation
@@ -172,11 +187,17 @@ def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
     121 GiB; with checkpointing, 32k give 8,817 at 22 GiB. So: no checkpointing when at least 8k
     tokens fit (up to 16k), else checkpointing with up to 32k tokens per micro-batch (bitsandbytes
     dequantizes every weight once per micro-batch: more tokens amortise it). With sdpa (the
-    default) the micro-batch stays at 8k tokens: 5,391 tokens/s at 67 GiB without checkpointing.
+    default then) the micro-batch stays at 8k tokens: 5,391 tokens/s at 67 GiB without checkpointing.
+    varlen (the default on CUDA) is like flex: no mask, attention memory linear in the tokens; measured
+    (H200, 7B, NF4): 2048 x 8 without checkpointing 121 GiB peak, 102 GiB with Liger; capped at
+    80 GiB this plan gives 2048 x 4 (62.7 GiB), at 16 GiB 2048 x 6 with checkpointing (11 GiB).
 
     Bytes per token of a micro-batch (bf16), calibrated on that run: without checkpointing every
-    layer keeps about 14*hidden + 5*intermediate values; with it, each layer keeps its input
-    (hidden) and one layer's activations are live; the logits add 8*vocab bytes (fp32 and grad).
+    layer keeps about 14*hidden + 5*intermediate values (LoRA dropout 0.1, no Liger); with it, each
+    layer keeps its input (hidden) and one layer's activations are live; the logits add 8*vocab bytes
+    (fp32 and grad). Measured savings without checkpointing, per layer and token: Liger's RMSNorm and
+    SwiGLU about 2*hidden + intermediate values (121 -> 102 GiB at 16k tokens), train.lora_dropout=0
+    about 6*hidden + intermediate (the dropped copies of the LoRA inputs: 121 -> 88 GiB).
     """
     import torch
 
@@ -197,12 +218,18 @@ def plan_batch(cfg: Config, examples, model_dir: Path) -> dict:
     base_bytes = params * (0.55 if t.load_in_4bit else 2.0)
     free = usable_gpu_memory()
     budget = 0.90 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
-    per_token = {False: 2 * layers * (14 * hidden + 5 * inter) + 8 * vocab,
+    kernels = kernels if kernels is not None else choose_kernels(cfg, model_dir)
+    per_layer = 14 * hidden + 5 * inter
+    if kernels["liger"]:
+        per_layer -= 2 * hidden + inter
+    if t.lora_dropout == 0:
+        per_layer -= 6 * hidden + inter
+    per_token = {False: 2 * layers * per_layer + 8 * vocab,
                  True: 2 * (hidden * layers + 16 * hidden + 6 * inter) + 8 * vocab}
     length = t.packing_length if t.packing_length != "auto" else max(2048, longest)
     if not t.packing:
         length = t.max_seq_length
-    dense_mask = attn_implementation(cfg, training=True) in ("sdpa", "eager")
+    dense_mask = kernels["attention"] in ("sdpa", "eager")
     fit = {ckpt: int(max(budget, 0) // per_token[ckpt]) for ckpt in (False, True)}
     if t.gradient_checkpointing == "auto":
         checkpointing = fit[False] < 8192
@@ -236,11 +263,13 @@ def count_4bit_layers(model) -> int:
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def load_base_model(cfg: Config, model_dir: Path, dtype):
+def load_base_model(cfg: Config, model_dir: Path, dtype, kernels: dict | None = None):
+    """The base model for training, with the chosen attention (choose_kernels) and Liger's kernels if used."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(cfg, training=True)}
+    kernels = kernels if kernels is not None else choose_kernels(cfg, model_dir)
+    kwargs = {"dtype": dtype, "attn_implementation": kernels["attention"]}
     if cfg.train.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.train.quant_type,
@@ -253,6 +282,8 @@ def load_base_model(cfg: Config, model_dir: Path, dtype):
     except (OSError, ValueError) as exc:
         raise InputError(f"model.uri {cfg.model.uri}: cannot load the model: {exc}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if kernels["liger"]:
+        apply_liger(model)  # before LoRA wraps the layers: it patches the norms and MLPs in place
     return model
 
 
