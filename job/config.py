@@ -104,6 +104,8 @@ class StorageConfig:
     """Files above this size go up and down in parts of this size."""
     lease_seconds: int = 120
     """Lease on run_uri (_lease.json) that keeps a second job out; renewed every third of this. A second job exits 4 once it sees the holder renew, or takes over when it was not renewed this long (at once on the same machine when the holder's process is gone)."""
+    lease: bool = True
+    """true: take the lease above (on S3, only if the store honours conditional writes: one that ignores If-None-Match / If-Match is refused with exit 2). false: no lease at all, one writer by convention (a warning at start): for such stores."""
     access_key_id: str = secret("", "Access key; prefer the AWS_* environment variables or a role.")
     secret_access_key: str = secret("", "Secret key; prefer the AWS_* environment variables or a role.")
     session_token: str = secret("", "Session token, if the key is temporary.")

@@ -32,6 +32,12 @@ another job may soon take over legitimately), the lease is lost: every later wri
 store raises (`LeasedStore`), training is asked to stop after its current step (the stop flag SIGTERM
 uses), and the job exits 4 (taken) or 3 (storage failed). There are no fencing tokens: a single file
 upload that started before the loss may still finish.
+
+Some S3-compatible servers ignore If-None-Match / If-Match. Before its first lease on a bucket, a process
+probes the store (`S3Store.conditional_writes_problem`: a throwaway `_lease.probe-<hex>` object written
+with conditions that must fail, then deleted); a store that ignores them is refused with exit 2, naming
+the endpoint, the bucket and `storage.lease`. `storage.lease: false` runs without any lease (`NoLease`):
+one writer by convention, with a warning at start.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import secrets
 import socket
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,12 +63,13 @@ from typing import Optional
 import botocore.exceptions
 
 import job
-from job.errors import JobError, Preempted, RunLocked, StorageError
+from job.errors import ConfigError, JobError, Preempted, RunLocked, StorageError
 from job.storage import TEMP_SUFFIX, LocalStore, S3Store, Store, local_errors, redact_uri
 
 log = logging.getLogger("job.lease")
 
 LEASE = "_lease.json"
+LEASE_PROBE = "_lease.probe-"  # + a random hex: the object that tests conditional writes on S3
 # The holder counts its lease as valid for this share of lease_seconds after its last successful write,
 # while others wait all of lease_seconds: the gap is the holder's margin to notice and stop writing.
 HOLDER_SHARE = 2 / 3
@@ -137,6 +145,9 @@ class _Backend(ABC):
     @abstractmethod
     def delete(self, seen: Seen) -> bool:
         """Delete the lease if it is still `seen`."""
+
+    def check_conditions(self) -> None:
+        """Raise ConfigError (exit 2) when the store cannot do the conditional writes the lease needs."""
 
 
 def _digest(data: bytes) -> str:
@@ -256,6 +267,18 @@ class _S3Backend(_Backend):
                 raise
         return answer["ETag"]
 
+    def check_conditions(self) -> None:
+        # Some S3-compatible servers ignore If-None-Match / If-Match and overwrite: two jobs would then both
+        # hold the lease. Probe once per process and bucket before trusting them.
+        problem = self.store.conditional_writes_problem(f"{LEASE_PROBE}{uuid.uuid4().hex}")
+        if problem is not None:
+            raise ConfigError(
+                f"the S3 store at endpoint {self.store.endpoint}, bucket s3://{self.bucket}, does not honour "
+                f"conditional writes ({problem}), so the lease that keeps a second job off "
+                f"{redact_uri(self.store.uri)} cannot work there. Use a store that honours If-None-Match and "
+                "If-Match on PutObject (AWS S3 does), or set storage.lease=false "
+                "to run without a lease and make sure yourself that only one job writes this run_uri.")
+
     def create(self, data: bytes) -> Optional[str]:
         return self._put(data, IfNoneMatch="*")
 
@@ -363,8 +386,9 @@ class Lease:
         self.valid_until = sent_at + self.seconds * HOLDER_SHARE
 
     def _confirm(self, sent_at: float) -> bool:
-        """After a write that the store accepted: read it back. This also catches an S3-compatible store
-        that ignores conditional headers (then the last of two racing writers wins, and both learn which)."""
+        """After a write that the store accepted: read it back (a second guard after the probe in
+        `check_conditions`: of two racing writers on a store that ignored the conditions, the last one
+        wins, and both learn which)."""
         seen = self.backend.read(self.seconds)
         if seen is not None and seen.token == self.token:
             self._written(seen.version, sent_at)
@@ -383,6 +407,7 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, waiting while it is unclear whether its holder lives (at most its lease time)."""
+        self.backend.check_conditions()
         watched: Optional[Seen] = None
         while True:
             if self.stop is not None and self.stop.is_set():
@@ -583,3 +608,29 @@ class LeasedStore(Store):
     def delete(self, rel: str) -> None:
         self.lease.check()
         self.inner.delete(rel)
+
+
+class NoLease:
+    """`storage.lease: false`: nothing is taken, renewed or checked; the run's store is used as it is."""
+
+    def __init__(self, store: Store):
+        self.run_uri = redact_uri(store.uri)
+
+    def __enter__(self) -> "NoLease":
+        log.warning("storage.lease is false: no lease on %s, so nothing stops a second job from writing this "
+                    "run at the same time; make sure only one job uses this run_uri", self.run_uri)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
+    def guard(self, store: Store) -> Store:
+        return store
+
+
+def lease_for(store: Store, storage, stop=None) -> "Lease | NoLease":
+    """The run's lease as `storage` (the config's StorageConfig) asks: a Lease, or NoLease when
+    storage.lease is false."""
+    if not storage.lease:
+        return NoLease(store)
+    return Lease(store, storage.lease_seconds, stop)

@@ -7,7 +7,7 @@ import logging
 from job import distributed
 from job.config import Config
 from job.distributed import SINGLE, Ranks
-from job.lease import Lease
+from job.lease import lease_for
 from job.pipeline import Pipeline
 from job.platform import StopRequest, detect, work_dir
 from job.stages import all_stages, storage_options
@@ -36,7 +36,8 @@ def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> di
         try:
             # One writer per run_uri: the lease is taken before anything is written, renewed while the
             # stages run and released at the end; once lost, every write fails and the job exits 4.
-            with Lease(pipeline.store, cfg.storage.lease_seconds, stop) as lease:
+            # (storage.lease: false takes none, for stores that ignore conditional writes.)
+            with lease_for(pipeline.store, cfg.storage, stop) as lease:
                 pipeline.store = lease.guard(pipeline.store)
                 log.info("run %s on %s: stages %s%s%s", cfg.run_uri, detect(), ",".join(stages),
                          f" (forcing {force})" if force else "",

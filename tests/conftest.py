@@ -1,3 +1,5 @@
-"""Shared fixtures: moto's S3 server and `store_root`, which runs a test once on a folder and once on S3."""
+"""Shared fixtures: moto's S3 server, s3rver (a second S3 implementation), and `store_root`, which runs a
+test once on a folder and once on S3 (moto)."""
 
-from tests.s3server import make_bucket, moto_server, s3_bucket, store_root  # noqa: F401
+from tests.s3server import (fake_aws_env, make_bucket, moto_server, s3_bucket, s3rver_server,  # noqa: F401
+                            store_root)
