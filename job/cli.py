@@ -212,8 +212,9 @@ def main(argv=None):
 def _main(argv) -> int:
     try:
         cli.main(args=argv, prog_name="job", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+        click.echo("interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue",
+                   err=True)
         return 130
     except click.ClickException as exc:
         from job.logs import mask_usage_error
@@ -225,6 +226,8 @@ def _main(argv) -> int:
         log.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
+        click.echo("interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue",
+                   err=True)
         return 130
     except Exception:  # noqa: BLE001 - the last resort: log the traceback, exit 1
         log.error("unexpected error:\n%s", traceback.format_exc())
