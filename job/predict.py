@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from job import hub
 from job.config import Config, load_config
 from job.errors import InputError
 from job.model import attn_implementation, fetch_model, load_tokenizer
@@ -76,6 +77,11 @@ def load_inference_tokenizer(folder: Path, uri: str):
 
 def fetch_adapter(uri: str, cfg: Config, storage_opts: dict) -> Path:
     """A local folder with the adapter at `uri`: the folder itself, or a cached download."""
+    if hub.is_hf_uri(uri):  # an adapter repo on the Hugging Face Hub: its json and safetensors files
+        path = hub.fetch_model(uri, cache_dir(cfg), max_attempts=cfg.storage.max_attempts, key="--adapter")
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise InputError(f"--adapter {uri}: not a PEFT adapter repo (no {ADAPTER_CONFIG})")
+        return path
     if not is_s3(uri):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not (path / ADAPTER_CONFIG).is_file():
@@ -257,7 +263,7 @@ def predict(cfg: Config, model_uri: str, adapter_uri: Optional[str], inputs: lis
     from job.stages import storage_options
 
     opts = storage_options(cfg)
-    local = not is_s3(model_uri) and not model_uri.startswith("gguf:")
+    local = not is_s3(model_uri) and not model_uri.startswith("gguf:") and not hub.is_hf_uri(model_uri)
     if local and not Path(model_uri.removeprefix("file://")).expanduser().is_dir():
         raise InputError(f"--model {model_uri}: no such folder (give a Hugging Face model folder, e.g. a run's merged/)")
     model_dir = fetch_model(model_uri, cfg, opts)

@@ -110,7 +110,8 @@ def train_summary(train_metrics: dict) -> dict:
             "peak_gpu_memory_gb": m.get("peak_gpu_memory_gb"), "final_loss": m.get("final_loss"),
             "train_seconds": m.get("train_seconds"), "examples": m.get("examples"),
             "dropped_too_long": m.get("dropped_too_long"), "resumed_from_step": m.get("resumed_from_step"),
-            "load_in_4bit": m.get("load_in_4bit"), "compute_dtype": m.get("compute_dtype")}
+            "load_in_4bit": m.get("load_in_4bit"), "compute_dtype": m.get("compute_dtype"),
+            "model_revision": m.get("model_revision")}  # the commit an hf:// base model resolved to
 
 
 MERGE_KEYS = ("max_logit_diff", "tolerance", "tolerance_source", "logit_scale", "adapter_effect", "top1_agreement",
@@ -151,7 +152,8 @@ def render_markdown(report: dict, rows: list[dict]) -> str:
             f"{_fmt(t['steps'])} steps, {_fmt(t['tokens'])} tokens at {_fmt(t['tokens_per_s'])} tokens/s "
             f"in {_fmt(t['train_seconds'])} s; final loss {_fmt(t['final_loss'], '{:.4f}')}; peak GPU memory "
             f"{_fmt(t['peak_gpu_memory_gb'])} GiB; 4-bit base: {_fmt(t['load_in_4bit'])}, compute "
-            f"{_fmt(t['compute_dtype'])}."]
+            f"{_fmt(t['compute_dtype'])}."
+            + (f" Base model commit `{t['model_revision']}` (Hugging Face Hub)." if t.get("model_revision") else "")]
     out += ["", "![training loss](loss_curve.png)"]
 
     m = report["merge"]

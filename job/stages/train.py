@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from job import distributed
+from job import distributed, hub
 from job.config import Config
 from job.errors import InputError, JobError, Preempted
 from job.liger import apply_liger, choose_liger
@@ -43,6 +43,7 @@ def run(cfg: Config, ctx) -> dict:
     ranks = ctx.ranks
     with distributed.local_main_first(ranks):  # one download per machine; the others reuse the cache
         model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
+    model_revision = hub.resolved_revision(cfg.model.uri, model_dir)  # hf://...: the commit sha it resolved to
     tokenizer = load_tokenizer(model_dir, cfg.model.uri)
     records = [json.loads(line) for line in ctx.store.read_text(TRAIN_DATA).splitlines() if line.strip()]
     examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
@@ -132,6 +133,7 @@ def run(cfg: Config, ctx) -> dict:
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "model_revision": model_revision,
         "load_in_4bit": cfg.train.load_in_4bit,
         "quantized_linear_layers": quantized,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

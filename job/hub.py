@@ -1,0 +1,163 @@
+"""Hugging Face Hub sources: hf://ORG/NAME[@REVISION] models and hf://datasets/ORG/NAME[@REVISION] data.
+
+Files come through huggingface_hub.snapshot_download into the job's cache (model.cache_dir or
+$JOB_CACHE_DIR, under hub/), in the hub's own cache layout: a restart finds the finished snapshot and
+downloads nothing, an interrupted download resumes its partial files, and HF_HUB_OFFLINE=1 reads a
+pre-filled cache without a network call. The token is huggingface_hub's business (HF_TOKEN, or the
+file `hf auth login` writes): the job never reads, passes or writes it, and job/logs.py masks it.
+
+huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME when it is first imported: it is imported
+here lazily, in the job's own process, so the environment the job starts with is the one that counts.
+
+Exit codes: an unknown repo or revision, a gated or private repo without a usable token, or an offline
+cache that lacks the files are bad input (2); a hub that cannot be reached after storage.max_attempts
+tries is a storage failure (3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import InputError, StorageError
+
+log = logging.getLogger("job.hub")
+
+SCHEME = "hf://"
+# What loading a model needs: config and tokenizer files (json, sentencepiece, tiktoken, BPE merges,
+# chat templates) and safetensors weights. Pickled .bin/.pth weights and the original/ consolidated
+# checkpoint that Llama repos carry (the same weights again) are never fetched.
+MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+MODEL_IGNORE = ["original/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "*.msgpack", "*.h5", "*.onnx*", "*.gguf"]
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_URI = re.compile(rf"hf://(?P<datasets>datasets/)?(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^@\s]+))?/?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.5, 8.0  # the storage layer's schedule (job/storage.py)
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    repo_type: str  # "model" or "dataset"
+    revision: str | None  # None: the repo's default branch
+
+    @property
+    def uri(self) -> str:
+        kind = "datasets/" if self.repo_type == "dataset" else ""
+        return f"{SCHEME}{kind}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+
+def is_hf_uri(uri: str) -> bool:
+    return uri.startswith(SCHEME)
+
+
+def parse_hf_uri(uri: str, key: str = "model.uri") -> HubRef:
+    match = _URI.fullmatch(uri)
+    if not match:
+        example = "hf://datasets/ORG/NAME[@REVISION]" if uri.startswith(f"{SCHEME}datasets/") else "hf://ORG/NAME[@REVISION]"
+        raise InputError(f"{key}: {uri!r} is not a Hugging Face Hub URI; expected {example}, "
+                         "e.g. hf://meta-llama/Llama-2-7b-hf or hf://datasets/stanfordnlp/snli@main")
+    return HubRef(match["repo"], "dataset" if match["datasets"] else "model", match["revision"])
+
+
+def hub_cache(cache_root: Path) -> Path:
+    return Path(cache_root) / "hub"
+
+
+def download(ref: HubRef, cache_root: Path, *, allow_patterns: list[str], ignore_patterns: list[str] | None = None,
+             max_attempts: int = 10, key: str = "model.uri") -> Path:
+    """The snapshot folder (named by its commit sha) holding the repo's files matching the patterns."""
+    import httpx2
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    _quiet_progress_bars()
+    cache = hub_cache(cache_root)
+    for attempt in range(1, max_attempts + 1):
+        try:
+            folder = snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision,
+                                       cache_dir=cache, allow_patterns=allow_patterns,
+                                       ignore_patterns=ignore_patterns)
+            return Path(folder)
+        except GatedRepoError:  # before RepositoryNotFoundError: it is a subclass
+            raise InputError(f"{key} {ref.uri}: the repo is gated and this job has no access. Accept its license "
+                             f"on https://huggingface.co/{_page(ref)} with your account, then set HF_TOKEN to a "
+                             "token of that account (read access) in the job's environment") from None
+        except RevisionNotFoundError:
+            raise InputError(f"{key} {ref.uri}: the repo has no revision {ref.revision!r}; use a branch, tag or "
+                             "commit sha that exists (or drop @REVISION for the default branch)") from None
+        except RepositoryNotFoundError:
+            raise InputError(f"{key} {ref.uri}: no such repo on {constants.ENDPOINT}, or it is private: check the "
+                             "name, and for a private repo set HF_TOKEN to a token with read access") from None
+        except LocalEntryNotFoundError as exc:
+            if constants.HF_HUB_OFFLINE:
+                raise InputError(f"{key} {ref.uri}: HF_HUB_OFFLINE=1 and the files are not in the cache "
+                                 f"{cache}; run once with network access (or unset HF_HUB_OFFLINE)") from None
+            problem = exc  # the hub could not be reached and the cache cannot stand in: retry
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status in (401, 403):
+                raise InputError(f"{key} {ref.uri}: access denied (HTTP {status}); set HF_TOKEN to a token "
+                                 "with read access to this repo") from None
+            if status is not None and status < 500 and status not in (408, 429):
+                raise InputError(f"{key} {ref.uri}: the hub refused the request (HTTP {status}): "
+                                 f"{_first_line(exc)}") from None
+            problem = exc
+        except (httpx2.TransportError, OSError) as exc:  # refused, reset, timed out, a cut body
+            problem = exc
+        if attempt < max_attempts:
+            delay = random.random() * min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), RETRY_MAX_SECONDS)
+            log.warning("%s %s: the hub failed (%s); attempt %d of %d again in %.1f s", key, ref.uri,
+                        _first_line(problem), attempt + 1, max_attempts, delay)
+            time.sleep(delay)
+    raise StorageError(f"{key} {ref.uri}: the hub at {constants.ENDPOINT} could not be reached after {max_attempts} "
+                       f"attempts ({_first_line(problem)}); the partial download is kept and a rerun resumes it")
+
+
+def fetch_model(uri: str, cache_root: Path, max_attempts: int = 10, key: str = "model.uri") -> Path:
+    """A local folder with the model files of hf://ORG/NAME[@REVISION] (downloaded once, then reused)."""
+    ref = parse_hf_uri(uri, key)
+    log.info("%s %s: fetching %s from the hub into %s", key, uri, "the default branch" if ref.revision is None
+             else f"revision {ref.revision}", hub_cache(cache_root))
+    folder = download(ref, cache_root, allow_patterns=MODEL_PATTERNS, ignore_patterns=MODEL_IGNORE,
+                      max_attempts=max_attempts, key=key)
+    log.info("%s %s: commit %s", key, uri, folder.name)
+    return folder
+
+
+def resolved_revision(uri: str, folder: Path) -> str | None:
+    """The commit sha a hub download resolved to (its snapshot folder's name); None for other URIs."""
+    if not is_hf_uri(uri):
+        return None
+    return folder.name if _COMMIT.fullmatch(folder.name) else None
+
+
+def _page(ref: HubRef) -> str:
+    return f"datasets/{ref.repo_id}" if ref.repo_type == "dataset" else ref.repo_id
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _quiet_progress_bars() -> None:
+    """The hub's messages through the job's log handlers only (secret masking, JSON lines), not also
+    through the plain stderr handler huggingface_hub adds to its logger; no redrawn download bars in a
+    batch job's log (the job logs what it fetches), while a terminal keeps them."""
+    import sys
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub_logger.removeHandler(handler)
+    if not sys.stderr.isatty() and not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()

@@ -1,0 +1,128 @@
+"""model.uri / --model / --adapter hf://ORG/NAME[@REVISION] against a fake Hugging Face Hub (tests/fakehub.py).
+
+The job runs in its own process with HF_ENDPOINT pointing at the fake hub (huggingface_hub reads it at
+import). `job predict` is the cheapest command that fetches and loads a model; the train marker's
+commit sha is checked by the hub run in tests/test_secrets.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.fakehub import FakeHub, folder_files
+from tests.helpers import job_env, read_jsonl, run_job
+from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
+
+TOKEN = "hf_FakeHubTokenForTestsOnly0123456789"
+LOADING_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_model_dir):  # noqa: F811
+    """org/tiny: main and tag v1 (v1 lacks main's notes.json); both carry pickled weights and an original/
+    folder that must never be fetched. org/gated needs the token."""
+    files = folder_files(tiny_model_dir)
+    extra = {"pytorch_model.bin": b"pickle" * 1000, "original/consolidated.00.pth": b"pth" * 1000}
+    fake = FakeHub(token=TOKEN)
+    fake.shas = fake.add_repo("models", "org/tiny", {"main": {**files, **extra, "notes.json": b"{}"},
+                                                     "v1": {**files, **extra}})
+    fake.add_repo("models", "org/gated", {"main": files}, gated=True)
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+def predict(model_uri: str, env: dict, *extra):
+    return run_job("predict", "--model", model_uri, "--max-new-tokens", "4", *extra, "A man is sleeping.", env=env)
+
+
+def hub_env(hub: FakeHub, cache: Path, **extra) -> dict:
+    env = job_env(None, HF_ENDPOINT=hub.url, JOB_CACHE_DIR=cache, HF_HOME=cache / "hf-home")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        env.pop(name, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def test_pinned_download_fetches_loading_files_once_then_works_offline(hub, tmp_path):
+    cache = tmp_path / "cache"
+    env = hub_env(hub, cache)
+    hub.requests.clear()
+    result = predict("hf://org/tiny@v1", env)
+    assert result.returncode == 0, result.stderr
+    assert read_jsonl(result.stdout)[0]["input"] == "A man is sleeping."
+    snapshot = cache / "hub" / "models--org--tiny" / "snapshots" / hub.shas["v1"]
+    assert {p.name for p in snapshot.iterdir()} == LOADING_FILES  # pinned (no notes.json), no .bin, no original/
+    assert hub.shas["v1"] in result.stderr  # the resolved commit is logged
+    fetched = [r for r in hub.requests if r.startswith("GET") and "/resolve/" in r]
+    assert len(fetched) == len(LOADING_FILES)
+    assert not any(".bin" in r or "original" in r for r in hub.requests)
+
+    hub.requests.clear()
+    again = predict("hf://org/tiny@v1", env)  # a restart reuses the cache: no file is fetched again
+    assert again.returncode == 0, again.stderr
+    assert not [r for r in hub.requests if "/resolve/" in r]
+
+    offline = predict("hf://org/tiny@v1", hub_env(hub, cache, HF_HUB_OFFLINE=1, HF_ENDPOINT="http://127.0.0.1:9"))
+    assert offline.returncode == 0, offline.stderr
+    assert read_jsonl(offline.stdout)[0]["input"] == "A man is sleeping."
+
+    missing = predict("hf://org/tiny", hub_env(hub, cache, HF_HUB_OFFLINE=1))  # main was never fetched
+    assert missing.returncode == 2, missing.stderr
+    assert "HF_HUB_OFFLINE=1" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("hf://org/missing", "no such repo"),
+    ("hf://org/tiny@v9", "has no revision 'v9'"),
+    ("hf://org/gated", "gated"),
+])
+def test_unusable_repo_exits_2_naming_it(hub, tmp_path, uri, expected):
+    result = predict(uri, hub_env(hub, tmp_path / "cache"))
+    assert result.returncode == 2, result.stderr
+    assert uri in result.stderr and expected in result.stderr
+    assert "HF_TOKEN" in result.stderr or expected == "has no revision 'v9'"
+    assert "Traceback" not in result.stderr
+
+
+def test_gated_repo_with_token_and_the_token_is_never_written(hub, tmp_path):
+    cache = tmp_path / "cache"
+    result = predict("hf://org/gated", hub_env(hub, cache, HF_TOKEN=TOKEN))
+    assert result.returncode == 0, result.stderr
+    written = [p for p in cache.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert TOKEN not in result.stdout + result.stderr and not written
+
+
+def test_bad_hub_uris_are_config_errors(tmp_path):
+    env = job_env(None)
+    for key, value, expected in [("model.uri", "hf://datasets/org/data", "names a dataset repo"),
+                                 ("data.uri", "hf://org/model", "names a model repo"),
+                                 ("model.uri", "hf://just-a-name", "not a Hugging Face Hub URI")]:
+        result = run_job("config", "--set", f"run_uri={tmp_path}", "--set", "data.uri=x.csv", "--set", "model.uri=m",
+                         "--set", f"{key}={value}", env=env)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+def test_endpoint_down_mid_download_exits_3_and_a_rerun_resumes(tiny_model_dir, tmp_path):  # noqa: F811
+    files = folder_files(tiny_model_dir)
+    fake = FakeHub(cut_after_bytes=100_000)
+    fake.add_repo("models", "org/tiny", {"main": files})
+    fake.start()
+    try:
+        env = hub_env(fake, tmp_path / "cache", JOB_STORAGE__MAX_ATTEMPTS=2)
+        down = predict("hf://org/tiny", env)
+        assert down.returncode == 3, down.stderr
+        assert "could not be reached after 2 attempts" in down.stderr and "Traceback" not in down.stderr
+
+        fake.cut_after_bytes = None
+        fake.start()  # the same port: the endpoint is back
+        back = predict("hf://org/tiny", env)
+        assert back.returncode == 0, back.stderr
+        snapshot = next((tmp_path / "cache" / "hub" / "models--org--tiny" / "snapshots").iterdir())
+        assert (snapshot / "model.safetensors").read_bytes() == files["model.safetensors"]
+    finally:
+        fake.stop()
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
