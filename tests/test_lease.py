@@ -1,4 +1,6 @@
-"""One writer per run (job/lease.py), once against a folder and once against moto's S3 server.
+"""One writer per run (job/lease.py), once against a folder and once against moto's S3 server; and on
+s3rver, a second S3 implementation that ignores conditional writes: there the lease refuses (exit 2),
+and `storage.lease=false` runs without one.
 
 The lease objects are driven directly for the conditional operations, and real `python -m job run`
 processes for what users see: two jobs at once (one runs, the other exits 4), a SIGKILLed holder
@@ -23,10 +25,11 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
-from job.errors import EXIT_LOCKED, RunLocked, StorageError
+from job.errors import EXIT_BAD_INPUT, EXIT_LOCKED, ConfigError, RunLocked, StorageError
 from job.lease import LEASE, Lease
 from job.storage import open_store
-from tests.helpers import ROOT, read_run_file, run_file_exists, run_job, s3_client
+from tests.helpers import ROOT, SNLI_SAMPLE, job_env, put_file, read_run_file, run_file_exists, run_job, s3_client
+from tests.s3server import backend_root
 from tests.model_fixtures import run_setup, tiny_model_dir  # noqa: F401 - fixtures
 
 LEASE_SECONDS = 3  # the minimum: renewed every second, so a second holder learns within about a second
@@ -193,6 +196,25 @@ def test_renewals_that_keep_failing_end_in_a_storage_error(tmp_path):
     assert not (tmp_path / "run" / "x.txt").exists()
 
 
+@pytest.mark.parametrize("backend", ["s3", "s3rver"])
+def test_lease_probes_the_store_for_conditional_writes(backend, request, tmp_path):
+    """moto honours If-None-Match / If-Match and the lease works; s3rver ignores them (a second create
+    overwrites), so taking a lease there is refused before the lease object is written."""
+    root, endpoint = backend_root(request, tmp_path, backend)
+    store = store_of(root, endpoint)
+    if backend == "s3":
+        with Lease(store, LEASE_SECONDS) as lease:
+            assert lease_body(root, endpoint)["token"] == lease.token
+        assert store.list() == []
+        return
+    with pytest.raises(ConfigError) as refused:
+        Lease(store, LEASE_SECONDS).acquire()
+    message = str(refused.value)
+    assert f"endpoint {endpoint}, bucket s3://{root[5:].split('/')[0]}, does not honour conditional writes" in message
+    assert "If-None-Match: * overwrote an existing object" in message and "storage.lease=false" in message
+    assert store.list() == []  # no lease, and the probe object was deleted
+
+
 def test_lease_seconds_is_validated():
     from job.config import load_config
     from job.errors import ConfigError
@@ -334,3 +356,42 @@ def test_lease_stolen_mid_run_stops_the_job_with_exit_4(run_setup):
     assert "stopped by SIGTERM" not in job.stderr  # the stop flag was raised by the loss, not a signal
     assert not run_file_exists(root, endpoint, "_stages/train.json")
     assert lease_body(root, endpoint)["host"] == "thief"  # the new holder's lease is left alone
+
+
+# -- stores that ignore conditional writes -------------------------------------------------------------
+
+
+@pytest.fixture
+def s3rver_run(request, tmp_path, tiny_model_dir):  # noqa: F811
+    """(root, endpoint, data_uri, env, model_dir) for a run on s3rver, the SNLI sample next to it."""
+    root, endpoint = backend_root(request, tmp_path, "s3rver")
+    data_uri = put_file(root, endpoint, SNLI_SAMPLE, "snli.csv")
+    return root, endpoint, data_uri, job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache"), tiny_model_dir
+
+
+def bucket_keys(root, endpoint):
+    bucket = root[5:].split("/")[0]
+    return sorted(o["Key"] for o in s3_client(endpoint).list_objects_v2(Bucket=bucket).get("Contents", []))
+
+
+def test_job_refuses_a_store_that_ignores_conditional_writes(s3rver_run):
+    root, endpoint, data_uri, env, model_dir = s3rver_run
+    before = bucket_keys(root, endpoint)
+    result = run_job(*job_args(root, data_uri, model_dir, "format"), env=env)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
+    bucket = root[5:].split("/")[0]
+    assert (f"the S3 store at endpoint {endpoint}, bucket s3://{bucket}, does not honour conditional writes"
+            in result.stderr), result.stderr
+    assert "set storage.lease=false" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert bucket_keys(root, endpoint) == before == ["inputs/snli.csv"]  # nothing written; the probe deleted
+
+
+def test_lease_false_runs_without_a_lease_with_a_warning(s3rver_run):
+    root, endpoint, data_uri, env, model_dir = s3rver_run
+    result = run_job(*job_args(root, data_uri, model_dir, "format", 4, "--set", "storage.lease=false"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"WARNING.*storage\.lease is false: no lease on {re.escape(root)}, so nothing stops a second "
+                     r"job from writing this run", result.stderr), result.stderr
+    assert run_file_exists(root, endpoint, "_stages/format.json")
+    assert not any(k.rsplit("/", 1)[-1].startswith("_lease") for k in bucket_keys(root, endpoint))

@@ -21,6 +21,9 @@ def test_every_config_key_is_documented():
 def test_ci_runs_the_readme_test_command():
     assert "python -m pytest -q" in README
     assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+    # and installs s3rver (tests/s3rver) as the README's test command does
+    assert "npm ci --prefix tests/s3rver" in README
+    assert "npm ci --prefix tests/s3rver" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_exit_codes_documented():
