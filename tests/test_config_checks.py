@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, SNLI_SAMPLE, job_env, run_job
+from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 REQUIRED = ("--set", "run_uri=/tmp/qlora-config-checks/run", "--set", "data.uri=/tmp/x.csv",
             "--set", "model.uri=/tmp/model")
@@ -295,3 +296,23 @@ def test_ctrl_c_exits_130_and_keeps_nothing_half_done(tmp_path):
     assert "interrupted" in output, output
     files = _tree(run)
     assert "_stages/format.json" not in files and "_lease.json" not in files, files
+
+
+# ---------------------------------------------------------------------------------------------- model-dependent
+
+
+@pytest.mark.parametrize("targets, unmatched", [("[q_proj, v_prj]", "'v_prj'"), ("query_key_value", "'query_key_value'")])
+def test_target_modules_checked_after_the_model_loads(tmp_path, tiny_model_dir, targets, unmatched):  # noqa: F811
+    """Names that need the model are checked right after it loads, before the first step: exit 2 naming the
+    key, what it looked for and the model's linear layers; format stays done, train writes no marker."""
+    run = tmp_path / "run"
+    result = run_job("run", "--stages", "format,train", "--set", f"run_uri={run}", "--set", f"data.uri={SNLI_SAMPLE}",
+                     "--set", f"model.uri={tiny_model_dir}", "--set", "data.eval_size=10",
+                     "--set", "train.load_in_4bit=false", "--set", "train.max_steps=2",
+                     "--set", f"train.target_modules={targets}", env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
+    output = _clean_failure(result)
+    assert "train.target_modules" in output and unmatched in output, output
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in output, output
+    files = _tree(run)
+    assert "_stages/format.json" in files and "_stages/train.json" not in files, sorted(files)
+    assert not any(name.startswith("checkpoints/") for name in files), sorted(files)

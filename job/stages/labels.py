@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from job.errors import InputError
+from job.errors import InputError, JobError
 
 
 @dataclass
@@ -43,8 +43,13 @@ def tokenize_examples(records: list[dict], tokenizer, max_len: int) -> Examples:
     return Examples(Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks}), dropped)
 
 
-class LabelCheckError(RuntimeError):
-    """The batches the trainer would see are wrong: training on them would waste the GPU time."""
+class LabelCheckError(JobError):
+    """The batches the trainer would see are wrong: training on them would waste the GPU time. Exit 1
+    without a traceback: the message says which example and which settings shape the batches."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"train: label check failed before the first step: {problem}. The batches depend on "
+                         "train.packing, train.packing_length and train.max_seq_length; nothing was trained")
 
 
 def check_labels(trainer, tokenizer, n_examples: int = 64) -> dict:

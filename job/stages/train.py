@@ -29,6 +29,8 @@ from job.platform import keep_compiled_kernels
 from job.stages import storage_options
 from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
 from job.stages.labels import check_labels, tokenize_examples
+from job.trackers import tracker_callbacks
+from job.stages.train_checks import check_packing, check_target_modules
 
 TRAIN_DATA = "data/train.jsonl"
 ADAPTER = "adapter"
@@ -65,7 +67,9 @@ def run(cfg: Config, ctx) -> dict:
         settings = resume.settings
     ctx.log.info("train: %s, compute dtype %s, %s", "4-bit NF4 base (QLoRA)" if cfg.train.load_in_4bit
                  else "16/32-bit base (LoRA)", str(dtype).removeprefix("torch."), settings)
+    check_packing(settings, [len(ids) for ids in examples.dataset["input_ids"]], cfg.train.max_seq_length)
     model = load_base_model(cfg, model_dir, dtype, kernels)
+    check_target_modules(model, cfg.train.target_modules, cfg.model.uri)  # before PEFT, before the first step
     quantized = count_4bit_layers(model)
     ctx.log.info("train: base model loaded: %d 4-bit (bitsandbytes Linear4bit) layers, %.2f GiB%s", quantized,
                  model.get_memory_footprint() / 2**30,
