@@ -29,7 +29,6 @@ from job.platform import keep_compiled_kernels
 from job.stages import storage_options
 from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
 from job.stages.labels import check_labels, tokenize_examples
-from job.trackers import tracker_callbacks
 from job.stages.train_checks import check_packing, check_target_modules
 
 TRAIN_DATA = "data/train.jsonl"
