@@ -15,7 +15,7 @@ from job.errors import EXIT_UNEXPECTED, JobError
 
 log = logging.getLogger("job")
 
-STAGES = ("format", "train", "merge", "evaluate")
+STAGES = ("format", "train", "merge", "export", "evaluate")
 
 
 def config_options(fn):
@@ -23,7 +23,7 @@ def config_options(fn):
     fn = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                       help="Override one key, e.g. --set train.learning_rate=1e-4 (repeatable).")(fn)
     fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-                      help="YAML config file (sections: data, prompt, model, storage, train, merge, evaluate).")(fn)
+                      help="YAML config file (sections: data, prompt, model, storage, train, merge, export, evaluate).")(fn)
     return fn
 
 
@@ -118,6 +118,8 @@ def _stage_command(name):
     @config_options
     @click.option("--force", type=click.Choice(STAGES), help="Redo this stage and every stage after it.")
     def command(config_file, assignments, force):
+        if name == "export":  # asking for the export is enabling it (a later --set may still say otherwise)
+            assignments = ("export.enabled=true", *assignments)
         _run_stages(config_file, assignments, [name], force)
 
     command.__doc__ = f"Run the {name} stage alone (the stages it needs must be done)."

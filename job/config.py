@@ -164,7 +164,9 @@ class TrainConfig:
     seed: int = 42
     """Seed for LoRA initialisation, shuffling and dropout."""
     logging_steps: int = 10
-    """Log loss and learning rate every N steps (also into TensorBoard and the loss curve)."""
+    """Log loss and learning rate every N steps (also into the trackers and the loss curve)."""
+    report_to: Union[str, list] = "tensorboard"
+    """Experiment trackers: none, tensorboard (event files uploaded to tensorboard/), mlflow, wandb, or a list such as [tensorboard, mlflow]. Settings come from their environment variables (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE, ...); a failing tracker only warns."""
     checkpoint_every_steps: int = 100
     """Save and upload a checkpoint every N optimizer steps (0: off)."""
     checkpoint_every_minutes: float = 30.0
@@ -199,6 +201,23 @@ class MergeConfig:
 
 
 @dataclass
+class ExportConfig:
+    """GGUF files for llama.cpp / Ollama / LM Studio, written from merged/ (job/export_gguf.py)."""
+
+    enabled: bool = False
+    """true: after merge, write export/<name>.<type>.gguf and an Ollama Modelfile (needs merge.enabled)."""
+    gguf: list = field(default_factory=lambda: ["q8_0"])
+    """GGUF types to write, any of f16, bf16, q8_0, q4_0 (K-quants: llama-quantize on the f16 file)."""
+    name: str = "model"
+    """File name stem: export/<name>.<type>.gguf."""
+    check_prompts: int = 4
+    """Eval examples each GGUF is read back on (transformers' GGUF loader) and compared to merged/; 0 skips the check."""
+    min_agreement: float = 0.0
+    """Least share of positions where the GGUF's top token equals merged/'s; 0 picks one per type
+    (f16 0.98, bf16 0.95, q8_0 0.9, q4_0 0.5)."""
+
+
+@dataclass
 class EvaluateConfig:
     """Generation on the held-out rows and the report."""
 
@@ -230,6 +249,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
@@ -540,6 +560,9 @@ def _check_values(cfg: Config) -> list[str]:
                         f"got {cfg.storage.lease_seconds}")
     problems.extend(_check_run_values(cfg))
     problems.extend(_check_uris(cfg))
+    from job.trackers import problems as tracker_problems
+
+    problems.extend(tracker_problems(cfg.train.report_to))
     return problems
 
 
@@ -640,12 +663,32 @@ def _check_run_values(cfg: Config) -> list[str]:
         problems.append(f"train.packing_length ({t.packing_length}) is shorter than train.max_seq_length "
                         f"({t.max_seq_length}): an example of train.max_seq_length tokens would not fit in a packed "
                         "row; raise train.packing_length or lower train.max_seq_length")
+    problems.extend(_check_export(cfg))
     try:
         if shard_size_bytes(m.max_shard_size) < 1:
             raise ValueError(m.max_shard_size)
     except ValueError:
         problems.append(f"merge.max_shard_size: must be a size such as 2GB, 500MB, 4GiB or a number of bytes, "
                         f"got {m.max_shard_size!r}")
+    return problems
+
+
+def _check_export(cfg: Config) -> list[str]:
+    """export.*: known GGUF types, a usable file name, and merge enabled when export is."""
+    e, problems = cfg.export, []
+    types = ("f16", "bf16", "q8_0", "q4_0")
+    if not isinstance(e.gguf, list) or not e.gguf or any(t not in types for t in e.gguf) or len(set(e.gguf)) < len(e.gguf):
+        problems.append(f"export.gguf: must be a non-empty list of distinct types from {', '.join(types)} "
+                        f"(K-quants such as q4_k_m: run llama-quantize on the f16 file), got {e.gguf!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", e.name or ""):
+        problems.append(f"export.name: must be a file name stem (letters, digits, . _ -), got {e.name!r}")
+    if e.check_prompts < 0:
+        problems.append(f"export.check_prompts: must be >= 0 (0 skips the read-back check), got {e.check_prompts}")
+    if not 0 <= e.min_agreement <= 1:
+        problems.append(f"export.min_agreement: must be between 0 and 1 (0: per-type default), got {e.min_agreement}")
+    if e.enabled and not cfg.merge.enabled:
+        problems.append("export.enabled: is true, but merge.enabled is false and the export reads merged/; "
+                        "enable the merge or set export.enabled: false")
     return problems
 
 

@@ -34,7 +34,7 @@ def test_plan_on_a_new_run(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("format") and "pending" in lines[0] and "not run yet" in lines[0]
-    assert [line.split()[0] for line in lines] == ["format", "train", "merge", "evaluate"]
+    assert [line.split()[0] for line in lines] == ["format", "train", "merge", "export", "evaluate"]
 
 
 def test_help_and_unknown_stage():

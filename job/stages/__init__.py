@@ -22,13 +22,14 @@ def storage_options(cfg: Config) -> dict:
 # How often to log or checkpoint changes nothing in the adapter: changing them keeps a run resumable.
 OPERATIONAL_TRAIN_KEYS = ("train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints",
                           "train.background_upload", "train.logging_steps", "train.dataloader_workers",
-                          "train.distributed_timeout_minutes")
+                          "train.distributed_timeout_minutes", "train.report_to")
 
 # Where the merge runs, how its files are sharded and how strictly it is checked leave the weights as they are.
 OPERATIONAL_MERGE_KEYS = ("merge.device", "merge.max_shard_size", "merge.check_prompts", "merge.tolerance")
 # The batch size changes speed and memory, not what greedy decoding says (up to padding rounding): a
 # run that ran out of memory can go on with a smaller batch without being called stale.
 OPERATIONAL_EVALUATE_KEYS = ("evaluate.batch_size",)
+OPERATIONAL_EXPORT_KEYS = ("export.check_prompts", "export.min_agreement")
 
 
 def _lazy(module: str):
@@ -53,11 +54,16 @@ def all_stages() -> list[Stage]:
         # The merged weights depend on the adapter (train) and merge.dtype only.
         Stage("merge", _lazy("merge"), config_keys=("merge",), ignore=OPERATIONAL_MERGE_KEYS, needs=("train",),
               outputs=("merged",), enabled=lambda c: c.merge.enabled, disabled_reason="merge.enabled: false"),
-        # Reads merged/ (or adapter/ when merge is disabled) and data/eval.jsonl (format, via train).
+        # GGUF files from merged/ (off by default). How strictly they are checked leaves the files as they are.
+        Stage("export", _lazy("export"), config_keys=("export",), ignore=OPERATIONAL_EXPORT_KEYS, needs=("merge",),
+              outputs=("export",), enabled=lambda c: c.export.enabled and c.merge.enabled,
+              disabled_reason="export.enabled: false"),
+        # Reads merged/ (or adapter/ when merge is disabled) and data/eval.jsonl (format, via train); the
+        # report shows the export check when the export is enabled.
         Stage("evaluate", _lazy("evaluate"), config_keys=("evaluate",), ignore=OPERATIONAL_EVALUATE_KEYS,
-              needs=("train", "merge"), outputs=("report",), enabled=lambda c: c.evaluate.enabled,
+              needs=("train", "merge", "export"), outputs=("report",), enabled=lambda c: c.evaluate.enabled,
               disabled_reason="evaluate.enabled: false"),
     ]
 
 
-STAGE_NAMES = ("format", "train", "merge", "evaluate")
+STAGE_NAMES = ("format", "train", "merge", "export", "evaluate")
