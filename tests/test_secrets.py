@@ -132,6 +132,30 @@ def test_a_whole_run_leaks_no_secret(store_root, secret_setup, tiny_model_dir, t
     assert "secret_access_key: '***'" in resolved and "http://***@127.0.0.1:" in resolved
 
 
+def test_a_hub_run_leaks_no_token(secret_setup, tiny_model_dir, tmp_path):  # noqa: F811
+    """The base model from a gated repo on a fake Hugging Face Hub that checks HF_TOKEN: the run
+    trains, its train marker records the commit, and the token is nowhere in what it wrote."""
+    from tests.fakehub import FakeHub, folder_files
+
+    config, env, sets = secret_setup
+    hub = FakeHub(token=ENV_SECRETS["HF_TOKEN"])
+    sha = hub.add_repo("models", "org/gated-tiny", {"main": folder_files(tiny_model_dir)}, gated=True)["main"]
+    hub.start()
+    root = tmp_path / "run"
+    try:
+        result = run_job("run", "--config", config, *sets, "--stages", "format,train",
+                         *[a for kv in (f"run_uri={root}", f"data.uri={SNLI_SAMPLE}", "model.uri=hf://org/gated-tiny",
+                                        *SMALL) for a in ("--set", kv)],
+                         env=job_env(None, HF_ENDPOINT=hub.url, **env))
+    finally:
+        hub.stop()
+    assert result.returncode == 0, result.stderr
+    assert json.loads((root / "_stages" / "train.json").read_text())["metrics"]["model_revision"] == sha
+    blobs = {"stdout": result.stdout.encode(), "stderr": result.stderr.encode(), **files_under(root),
+             **files_under(tmp_path / "cache"), **files_under(tmp_path / "tmp")}
+    assert leaks(blobs) == []
+
+
 def run_failing(*args, env, argv_prefix=()):
     return run_job(*args, env=job_env(**env)) if not argv_prefix else _run_python(argv_prefix, args, env)
 

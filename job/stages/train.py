@@ -29,6 +29,7 @@ from job.platform import keep_compiled_kernels
 from job.stages import storage_options
 from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
 from job.stages.labels import check_labels, tokenize_examples
+from job.trackers import tracker_callbacks
 from job.stages.train_checks import check_packing, check_target_modules
 
 TRAIN_DATA = "data/train.jsonl"
@@ -295,7 +296,6 @@ def load_base_model(cfg: Config, model_dir: Path, dtype, kernels: dict | None = 
 def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     import torch
     from peft import LoraConfig
-    from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
     from job.logs import adopt_library_loggers, progress_bars
@@ -327,7 +327,7 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
         save_total_limit=None,  # rotation happens after upload (CheckpointSync), never under an upload
         seed=t.seed,
         data_seed=t.seed,
-        report_to="none",  # TensorBoard is added below with an explicit folder (works across versions)
+        report_to="none",  # trackers are added below (job/trackers.py): guarded, never prompting
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_workers,
         max_length=settings["packing_length"] if t.packing else t.max_seq_length,
@@ -349,13 +349,8 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
                           stop=ctx.stop, tensorboard_dir=ctx.work_dir / TENSORBOARD, log=ctx.log,
                           settings=settings, ranks=ctx.ranks)
     callbacks = [sync]
-    if ctx.ranks.is_main:  # one event file per run: rank 0 logs the loss the Trainer averaged over ranks
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / TENSORBOARD))))
-        except ImportError:  # tensorboard is a declared dependency; a hand-made environment may lack it
-            ctx.log.warning("train: tensorboard is not installed; no event files (the loss curve is in the marker)")
+    if ctx.ranks.is_main:  # one tracker run: rank 0 logs the loss the Trainer averaged over ranks
+        callbacks += tracker_callbacks(t.report_to, ctx, ctx.work_dir / TENSORBOARD)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     trainer.checkpoint_sync = sync
