@@ -13,7 +13,7 @@ from job.config import Config
 from job.errors import InputError
 from job.gguf import fetch_gguf_model, is_gguf_uri
 from job.platform import cache_dir
-from job.storage import is_s3, open_store
+from job.storage import download_space, is_s3, open_store
 
 log = logging.getLogger("job.model")
 
@@ -32,7 +32,8 @@ def fetch_model(uri: str, cfg: Config, storage_opts: dict) -> Path:
     `hf://ORG/NAME[@REVISION]` is fetched from the Hugging Face Hub (job/hub.py).
     """
     if is_gguf_uri(uri):
-        return fetch_gguf_model(uri, cache_dir(cfg))
+        with download_space(cache_dir(cfg) / "models" / "gguf", uri):  # the conversion writes into the cache
+            return fetch_gguf_model(uri, cache_dir(cfg))
     if hub.is_hf_uri(uri):  # hf://ORG/NAME[@REVISION]: the hub's cache layout under the job's cache
         path = hub.fetch_model(uri, cache_dir(cfg), max_attempts=cfg.storage.max_attempts)
         check_model_folder(path, uri)

@@ -9,6 +9,7 @@ file or object in a folder or bucket that exists: `MissingObject` (exit code 2, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -175,6 +176,24 @@ def local_errors(uri: str) -> Iterator[None]:
         raise StorageError(f"cannot access {uri}: {exc.strerror or exc}") from None
 
 
+# A full disk (or quota) while downloading: every download goes into the cache (JOB_CACHE_DIR).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def download_space(local_path: str | Path, uri: str) -> Iterator[None]:
+    """Turn a full disk under a download into exit 3 that names the folder and how to move the cache.
+    Retrying cannot free the space; the unfinished temp file is already gone (_replace_atomically)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise StorageError(f"no space left in {Path(local_path).parent} while downloading {redact_uri(uri)} "
+                           f"({os.strerror(exc.errno)}): downloads go to the cache folder; free space there, or point "
+                           "JOB_CACHE_DIR (or model.cache_dir) at a folder on a larger disk") from None
+
+
 class LocalStore(Store):
     def __init__(self, root: str | Path, max_concurrency: int = 8) -> None:
         super().__init__(max_concurrency)
@@ -212,7 +231,7 @@ class LocalStore(Store):
         src = self._path(rel)
         with local_errors(self.uri_of(rel)):
             size = src.stat().st_size
-        with local_errors(str(local_path)):
+        with local_errors(str(local_path)), download_space(local_path, self.uri_of(rel)):
             _replace_atomically(Path(local_path), lambda tmp: self._copy(src, tmp, size))
 
     @staticmethod
@@ -340,7 +359,8 @@ class S3Store(Store):
 
             def fetch() -> None:
                 _replace_atomically(Path(local_path), lambda tmp: self._fetch_verified(rel, tmp, head))
-            self._retry_transfer(rel, fetch)
+            with download_space(local_path, self.uri_of(rel)):
+                self._retry_transfer(rel, fetch)
 
     def _fetch_verified(self, rel: str, tmp: Path, head: dict) -> None:
         self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=self.transfer)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SNLI_SAMPLE, job_env, run_job
+from tests.helpers import ROOT, SNLI_SAMPLE, job_env, run_job, s3_client
 from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 REQUIRED = ("--set", "run_uri=/tmp/qlora-config-checks/run", "--set", "data.uri=/tmp/x.csv",
@@ -316,3 +316,52 @@ def test_target_modules_checked_after_the_model_loads(tmp_path, tiny_model_dir, 
     files = _tree(run)
     assert "_stages/format.json" in files and "_stages/train.json" not in files, sorted(files)
     assert not any(name.startswith("checkpoints/") for name in files), sorted(files)
+
+
+# ---------------------------------------------------------------------------------------------- full cache disk
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    """JOB_CACHE_DIR on a 512 KiB tmpfs: room for the job's scratch files, not for a download."""
+    folder = tmp_path / "small-cache"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def _full_disk_failure(result, cache: Path) -> str:
+    output = _clean_failure(result, code=3)
+    assert "no space left in" in output and str(cache) in output, output
+    assert "JOB_CACHE_DIR" in output, output
+    return output
+
+
+def test_full_cache_disk_during_csv_download_exits_3(tmp_path, s3_bucket, small_cache):
+    endpoint, bucket = s3_bucket
+    rows = SNLI_SAMPLE.read_bytes().split(b"\n", 1)
+    s3_client(endpoint).put_object(Bucket=bucket, Key="big.csv", Body=rows[0] + b"\n" + rows[1] * 5)  # ~840 KB
+    run = tmp_path / "run"
+    result = run_job("run", "--stages", "format", "--set", f"run_uri={run}", "--set", f"data.uri=s3://{bucket}/big.csv",
+                     "--set", "model.uri=/tmp/model", env=job_env(endpoint, JOB_CACHE_DIR=small_cache))
+    _full_disk_failure(result, small_cache)
+    assert "_stages/format.json" not in _tree(run)
+
+
+def test_full_cache_disk_during_model_download_exits_3(tmp_path, s3_bucket, small_cache, tiny_model_dir):  # noqa: F811
+    endpoint, bucket = s3_bucket
+    client = s3_client(endpoint)
+    for path in tiny_model_dir.iterdir():  # 0.8 MB of weights: more than the cache holds
+        client.upload_file(str(path), bucket, f"model/{path.name}")
+    run = tmp_path / "run"
+    result = run_job("run", "--stages", "format,train", "--set", f"run_uri={run}", "--set", f"data.uri={SNLI_SAMPLE}",
+                     "--set", f"model.uri=s3://{bucket}/model", "--set", "data.eval_size=10",
+                     "--set", "train.load_in_4bit=false", env=job_env(endpoint, JOB_CACHE_DIR=small_cache))
+    _full_disk_failure(result, small_cache)
+    files = _tree(run)
+    assert "_stages/format.json" in files and "_stages/train.json" not in files, sorted(files)
