@@ -9,8 +9,8 @@
 # Exit codes are the job's own (0, 1, 2, 3, 4 when another job holds the run, and 75 after a
 # preemption checkpoint), unchanged.
 # Paths can be moved for tests: SM_ROOT (default /opt/ml), RUNPOD_WORKSPACE (default /workspace).
-# Variables named JOB_* are the job's configuration (every one of them is parsed as a config key),
-# so this script only ever sets the ones the job knows.
+# Variables named JOB_<SECTION>__<KEY> and JOB_RUN_URI are the job's configuration (an unknown key
+# of that shape is an error; other JOB_* names are ignored), so this script only sets keys the job knows.
 set -euo pipefail
 
 SM_ROOT="${SM_ROOT:-/opt/ml}"

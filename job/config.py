@@ -130,11 +130,11 @@ class TrainConfig:
     lora_dropout: float = 0.1
     """Dropout on the LoRA input."""
     target_modules: Union[str, list] = "all-linear"
-    """LoRA targets: "all-linear" or a list of module names such as [q_proj, v_proj]."""
+    """LoRA targets: "all-linear" or a list of module names such as [q_proj, v_proj]; each must match a module of the model (checked when it loads)."""
     learning_rate: float = 2e-4
     """Peak learning rate of the LoRA weights."""
     lr_scheduler: str = "cosine"
-    """Any transformers scheduler name (cosine, linear, constant, ...)."""
+    """linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt."""
     warmup_steps: int = 10
     """Linear warm-up steps."""
     weight_decay: float = 0.0
@@ -192,7 +192,7 @@ class MergeConfig:
     device: str = "auto"
     """auto (the GPU when the 16-bit model fits in its free memory, else the CPU), cuda or cpu."""
     max_shard_size: str = "2GB"
-    """Largest safetensors file in merged/ (e.g. 2GB, 500MB)."""
+    """Largest safetensors file in merged/: bytes, or digits with GB, MB, KB, GiB, MiB, KiB (e.g. 2GB, 500MB)."""
     check_prompts: int = 4
     """Eval examples (prompt and gold answer) run through base+adapter and the merged model to compare logits."""
     tolerance: float = 0.0
