@@ -308,7 +308,8 @@ class Pipeline:
     def _clear_forced(self) -> None:
         """Delete the results of the forced stage and every stage after it: all markers first (a crash
         mid-way leaves no marker claiming a result that is half gone), then the outputs."""
-        names = [n for n in self.forced if self.marker(n) is not None or self.marker(n, ".started") is not None]
+        names = [n for n in self.forced  # exists(), not marker(): a damaged marker is what --force repairs
+                 if self.store.exists(f"{MARKERS}/{n}.json") or self.store.exists(f"{MARKERS}/{n}.started.json")]
         if not names:
             return
         log.info("forced: clearing the earlier results of %s (%s)", ", ".join(names),
@@ -330,7 +331,9 @@ class Pipeline:
         if stage.name in self.forced:
             self._clear_forced()
             self.forced = ()
-        previous = self.marker(stage.name, ".started")
+            previous = None
+        else:
+            previous = self.marker(stage.name, ".started")
         if previous is None or previous.get("fingerprint") != started["fingerprint"]:
             self._write_marker(stage.name, started, ".started")
 

@@ -1,5 +1,6 @@
 """The format stage through the real CLI, against a folder and against moto's S3 server."""
 
+import gzip
 import json
 
 import pytest
@@ -72,7 +73,23 @@ BAD_CSVS = {
     "empty": (b"", "the file is empty"),
     "header_only": (HEADER.encode(), "has a header but no data rows"),
     "missing_columns": (b"label,premise,hypothesis\ncontradiction,a,b\n",
-                        "missing column(s) gold_label, sentence1, sentence2; the file has label, premise, hypothesis"),
+                        "missing column(s) 'gold_label', 'sentence1', 'sentence2'; the file has 'label', 'premise', "
+                        "'hypothesis'"),
+    # Names are quoted: ' sentence1' (a leading space) is visibly not 'sentence1'.
+    "spaced_column": (b"gold_label, sentence1,sentence2\ncontradiction,a,b\n",
+                      "missing column(s) 'sentence1'; the file has 'gold_label', ' sentence1', 'sentence2'; "
+                      "did you mean ' sentence1'?"),
+    # The short row is reported at its own line (5), not at line 2 that starts with the same text.
+    "ragged_after_quoted_newline": ((HEADER + GOOD + 'contradiction,"two\nlines",x,,\n'
+                                     + "contradiction,A dog runs.\n").encode(),
+                                    "line 5 has fewer fields than the header (2 instead of 5)"),
+    # Not CSV text at all: told what it is, not "re-save as UTF-8".
+    "gzip": (gzip.compress((HEADER + GOOD).encode()), "is a gzip file (compressed)"),
+    "zstd": (b"\x28\xb5\x2f\xfd" + b"\x00" * 20, "is a zstd file (compressed)"),
+    "parquet": (b"PAR1" + b"\x00" * 20 + b"PAR1", "is a Parquet file"),
+    "xlsx": (b"PK\x03\x04" + b"\x00" * 26 + b"[Content_Types].xml", "is an Excel workbook (.xlsx)"),
+    "zip": (b"PK\x03\x04" + b"\x00" * 26 + b"snli.csv", "is a zip archive"),
+    "utf16": ((HEADER + GOOD).encode("utf-16"), "is UTF-16 text"),
     "not_utf8": ((HEADER + GOOD * 3).encode() + "contradiction,Caf\u00e9,x,,\n".encode("latin-1"),
                  "line 5 (byte"),
     "no_label_rows": ((HEADER + "neutral,a,b,,\nentailment,c,d,,\n").encode(),
@@ -115,3 +132,17 @@ def test_missing_s3_object_is_bad_input_like_a_missing_file(s3_bucket, tmp_path)
     assert result.returncode == 2, result.stderr
     assert f"s3://{bucket}/nope.csv" in result.stderr
     assert not run_file_exists(f"s3://{bucket}/run", endpoint, "_stages/format.json")
+
+
+def test_old_mac_line_endings_give_the_same_records(tmp_path):
+    """Lone CR line endings (classic Mac OS, some exporters) parse like LF; a quoted newline stays in its field."""
+    text = SNLI_SAMPLE.read_text(encoding="utf-8").replace("\r\n", "\n")
+    lf, cr = tmp_path / "lf.csv", tmp_path / "cr.csv"
+    lf.write_text(text, encoding="utf-8", newline="")
+    cr.write_text(text.replace("\n", "\r"), encoding="utf-8", newline="")
+    env = job_env(JOB_CACHE_DIR=tmp_path / "cache")
+    for csv in (lf, cr):
+        result = run_job(*format_args(tmp_path / csv.stem, csv), env=env)
+        assert result.returncode == 0, result.stderr
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / "cr" / "data" / name).read_bytes() == (tmp_path / "lf" / "data" / name).read_bytes()

@@ -20,6 +20,7 @@ from job.config import Config, section_digest
 from job.errors import ConfigError, InputError
 from job.model import fetch_model
 from job.predict import generate, inference_dtype, load_inference_tokenizer, load_model
+from job.run_files import read_json_object, read_jsonl
 from job.report import merge_summary, parse_all, plot_loss, prediction_rows, render_markdown, score, train_summary
 from job.stages import storage_options
 from job.storage import redact_uri
@@ -33,7 +34,7 @@ def run(cfg: Config, ctx) -> dict:
 
     t_start = time.monotonic()
     e = cfg.evaluate
-    records = [json.loads(line) for line in ctx.store.read_text(EVAL_DATA).splitlines() if line.strip()]
+    records = read_jsonl(ctx.store, EVAL_DATA, "format", keys=("prompt", "source", "target"), allow_empty=True)
     if not records:
         raise InputError(f"{EVAL_DATA} has no rows (data.eval_size is {cfg.data.eval_size}): nothing to evaluate. "
                          "Set data.eval_size above 0, or evaluate.enabled: false")
@@ -114,7 +115,7 @@ def merged_folder(ctx, merge_marker: dict) -> Path:
 
 def build_report(cfg: Config, ctx, records, scores, described, dtype, device, available) -> dict:
     train = ctx.upstream.get("train", {})
-    stats = json.loads(ctx.store.read_text(STATS)) if ctx.store.exists(STATS) else None
+    stats = read_json_object(ctx.store, STATS, "format") if ctx.store.exists(STATS) else None
     e, t = cfg.evaluate, cfg.train
     return {
         "n_examples": len(records),

@@ -31,10 +31,11 @@ MAX_FIELD_CHARS = 20_000
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    csv_path = fetch_csv(cfg, ctx.work_dir)
+    from job.readers import read_rows  # every format (job/readers.py); plain CSV goes to read_csv below
+
     name = cfg.data.uri
-    frame = read_csv(csv_path, name, [cfg.data.label_column, cfg.data.source_column, cfg.data.target_column]
-                     if cfg.data.label is not None else [cfg.data.source_column, cfg.data.target_column])
+    frame = read_rows(cfg, ctx.work_dir, [cfg.data.label_column, cfg.data.source_column, cfg.data.target_column]
+                      if cfg.data.label is not None else [cfg.data.source_column, cfg.data.target_column])
     records, stats = select_rows(frame, cfg, name)
     train, evaluation = split(records, cfg, name)
     train_text, eval_text = to_jsonl(train, cfg), to_jsonl(evaluation, cfg)
@@ -66,8 +67,13 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
     file and the row, line or column for anything malformed (pandas' C parser silently fills short
     rows with empty strings, which would hide a broken file)."""
     raw = path.read_bytes()
+    if (kind := binary_kind(raw)) is not None:
+        raise InputError(f"{name} is {kind}, not a CSV")
     if raw.startswith(codecs.BOM_UTF8):  # spreadsheet tools write one
         raw = raw[len(codecs.BOM_UTF8):]
+    if b"\r" in raw and b"\n" not in raw:
+        # Old Mac line endings (a lone CR ends each line). Quoted newlines stay inside their field.
+        raw = raw.replace(b"\r", b"\n")
     if not raw.strip():
         raise InputError(f"{name}: the file is empty; expected a CSV with a header row and data rows")
     try:
@@ -77,12 +83,15 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
         raise InputError(f"{name}: line {line} (byte {exc.start}) is not valid UTF-8 "
                          f"({raw[exc.start:exc.start + 4]!r}); re-save the file as UTF-8") from None
 
-    header = next(csv.reader([text.split("\n", 1)[0].rstrip("\r")]))
+    try:
+        header = next(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise InputError(f"{name}: line 1: the header row is not valid CSV ({exc})") from None
     missing = [c for c in columns if c not in header]
     if missing:
-        raise InputError(f"{name}: missing column(s) {', '.join(missing)}; the file has "
-                         f"{', '.join(header)}. Set data.label_column / data.source_column "
-                         "/ data.target_column to the right names")
+        raise InputError(f"{name}: missing column(s) {', '.join(map(repr, missing))}; the file has "
+                         f"{', '.join(map(repr, header))}{_near_misses(missing, header)}. Set data.label_column / "
+                         "data.source_column / data.target_column to the right names")
 
     bad_rows = []
     table = None
@@ -104,7 +113,7 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
             raise InputError(f"{name}: malformed CSV: {exc}") from None
     if bad_rows:
         row = bad_rows[0]
-        line = text.count("\n", 0, text.find(row.text)) + 1 if row.text and row.text in text else "?"
+        line = first_bad_line(text, row.expected_columns) or "?"
         kind = "fewer" if row.actual_columns < row.expected_columns else "more"
         raise InputError(f"{name}: line {line} has {kind} fields than the header ({row.actual_columns} instead of "
                          f"{row.expected_columns}): {row.text[:80]!r}; {len(bad_rows)} such row(s)")
@@ -117,6 +126,50 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
         raise InputError(f"{name}: row {row + 1}, column {columns[col]}: a field of {int(lengths.max()):,} "
                          f"characters (limit {MAX_FIELD_CHARS:,}); usually an unclosed quote")
     return frame
+
+
+# Files people hand over as "the CSV" that are something else: the first bytes tell which.
+MAGIC = ((b"\x1f\x8b", "a gzip file (compressed): decompress it (gunzip)"),
+         (b"\x28\xb5\x2f\xfd", "a zstd file (compressed): decompress it (zstd -d)"),
+         (b"BZh", "a bzip2 file (compressed): decompress it (bunzip2)"),
+         (b"\xfd7zXZ\x00", "an xz file (compressed): decompress it (unxz)"),
+         (b"PAR1", "a Parquet file: export it as CSV"),
+         (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Excel workbook (.xls): save it as CSV UTF-8"),
+         (codecs.BOM_UTF32_LE, "UTF-32 text: re-save it as UTF-8"),
+         (codecs.BOM_UTF32_BE, "UTF-32 text: re-save it as UTF-8"),
+         (codecs.BOM_UTF16_LE, "UTF-16 text (what Excel's \"Unicode Text\" writes): re-save it as UTF-8"),
+         (codecs.BOM_UTF16_BE, "UTF-16 text: re-save it as UTF-8"))
+
+
+def binary_kind(raw: bytes) -> str | None:
+    """What the file is when its first bytes say it is not CSV text, else None."""
+    if raw.startswith(b"PK\x03\x04"):
+        if b"xl/" in raw[:4096] or b"[Content_Types].xml" in raw[:4096]:
+            return "an Excel workbook (.xlsx): save it as CSV UTF-8"
+        return "a zip archive: unzip it and point data.uri at the CSV inside"
+    return next((kind for magic, kind in MAGIC if raw.startswith(magic)), None)
+
+
+def first_bad_line(text: str, expected: int) -> int | None:
+    """The line (1-based, counted, quoted newlines included) where the first record whose field count
+    differs from the header's starts. Only runs when pyarrow reported one (its row number is unknown
+    when values may hold newlines)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    try:
+        for fields in reader:
+            if fields and len(fields) != expected and reader.line_num > 1:
+                return start
+            start = reader.line_num + 1
+    except csv.Error:
+        return start
+    return None
+
+
+def _near_misses(missing: list[str], header: list[str]) -> str:
+    """'; did you mean ' sentence1'?' when a header name differs only in spaces or case."""
+    hints = [h for m in missing for h in header if h != m and h.strip().lower() == m.strip().lower()]
+    return f"; did you mean {' / '.join(map(repr, hints))}? (spaces and case count)" if hints else ""
 
 
 def select_rows(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame, dict]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from job.config import Config, shard_size_bytes
 from job.errors import JobError
 from job.model import attn_implementation, fetch_model, load_tokenizer
+from job.run_files import read_jsonl
 from job.stages import storage_options
 
 ADAPTER = "adapter"
@@ -222,7 +223,7 @@ def check_examples(store, tokenizer, n: int) -> list[list[int]]:
     records = []
     for path in (EVAL_DATA, TRAIN_DATA):
         if store.exists(path):
-            records = [json.loads(line) for line in store.read_text(path).splitlines() if line.strip()][:n]
+            records = read_jsonl(store, path, "format", keys=("prompt", "completion"), allow_empty=True)[:n]
         if records:
             break
     examples = []

@@ -26,6 +26,7 @@ from job.errors import InputError, JobError, Preempted
 from job.liger import apply_liger, choose_liger
 from job.model import compute_dtype, fetch_model, load_tokenizer, training_attention
 from job.platform import keep_compiled_kernels
+from job.run_files import read_jsonl
 from job.stages import storage_options
 from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
 from job.stages.labels import check_labels, tokenize_examples
@@ -47,7 +48,7 @@ def run(cfg: Config, ctx) -> dict:
         model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
     model_revision = hub.resolved_revision(cfg.model.uri, model_dir)  # hf://...: the commit sha it resolved to
     tokenizer = load_tokenizer(model_dir, cfg.model.uri)
-    records = [json.loads(line) for line in ctx.store.read_text(TRAIN_DATA).splitlines() if line.strip()]
+    records = read_jsonl(ctx.store, TRAIN_DATA, "format", keys=("prompt", "completion"))
     examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
     ctx.log.info("train: %d examples tokenized, %d dropped as longer than train.max_seq_length=%d",
                  len(examples.dataset), len(examples.dropped_rows), cfg.train.max_seq_length)
