@@ -92,7 +92,7 @@ def progress_fields(state, logs: dict, elapsed: float, start_step: int, tokens: 
 
 def progress_text(f: dict) -> str:
     """`train: step 3/40 loss 6.9510 lr 4.00e-05 grad_norm 0.0960 | 430 tokens/s | elapsed 0:02, ETA 0:28 |
-    checkpoint 2 uploaded 0:01 ago`"""
+    last checkpoint 2, 0:01 ago`"""
     parts = [f"train: step {f['step']}/{f['total']}"]
     if f["loss"] is not None:
         parts.append(f"loss {f['loss']:.4f}")
@@ -106,11 +106,11 @@ def progress_text(f: dict) -> str:
     line += f" | elapsed {duration(f['elapsed_s'])}, ETA {duration(f['eta_s'])}"
     step, age = f.get("checkpoint_step"), f.get("checkpoint_age_s")
     if step is None:
-        line += " | no checkpoint uploaded yet"
+        line += " | no checkpoint yet"
     elif age is None:
-        line += f" | checkpoint {step} uploaded before this restart"
+        line += f" | last checkpoint {step}, before this restart"
     else:
-        line += f" | checkpoint {step} uploaded {duration(age)} ago"
+        line += f" | last checkpoint {step}, {duration(age)} ago"
     return line
 
 
