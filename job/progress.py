@@ -13,6 +13,7 @@ Neither reads well in `kubectl logs` or CloudWatch. `use_progress_log` replaces 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Optional
 
@@ -29,12 +30,47 @@ def use_progress_log(trainer, log: logging.Logger, checkpoints=None, bars: bool 
 
 
 class QuietProgressBar(ProgressCallback):
-    """The terminal bar, with loss and learning rate in its postfix instead of a dict per log."""
+    """The terminal bar, with loss and learning rate in its postfix instead of a dict per log. While
+    it is drawn, log records (a checkpoint upload, a warning) are written above it with tqdm.write,
+    so a line never starts in the middle of the bar."""
+
+    def __init__(self):
+        super().__init__()
+        self.redirected: list[tuple[logging.StreamHandler, object]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                    self.redirected.append((handler, handler.setStream(_AboveTheBar(handler.stream))))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        for handler, stream in self.redirected:
+            handler.setStream(stream)
+        self.redirected = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs.get('learning_rate', 0):.3g}",
                                           refresh=False)
+
+
+class _AboveTheBar:
+    """A stream for a logging handler: each record goes through tqdm.write (clear the bars, write,
+    redraw them). The handler writes a record and its newline in one call."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class ProgressLog(TrainerCallback):

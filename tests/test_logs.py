@@ -105,3 +105,14 @@ def test_unknown_log_format_exits_2_naming_the_variable():
     assert result.returncode == 2
     assert "JOB_LOG_FORMAT" in result.stderr and "text, json" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_progress_line_after_a_restart_and_without_numbers():
+    """The wording a resumed run shows before its first new upload, and a line missing optional numbers."""
+    from job.progress import duration, progress_text
+
+    fields = {"step": 21, "total": 40, "loss": 1.25, "lr": None, "grad_norm": None, "tokens_per_s": None,
+              "elapsed_s": 3725.0, "eta_s": None, "checkpoint_step": 20, "checkpoint_age_s": None}
+    assert progress_text(fields) == ("train: step 21/40 loss 1.2500 | elapsed 1:02:05, ETA ? | "
+                                     "last checkpoint 20, before this restart")
+    assert duration(59.6) == "1:00" and duration(None) == "?"
