@@ -613,6 +613,13 @@ def _check_run_values(cfg: Config) -> list[str]:
     work before it: every rule here is listed in the README's "Configuration" section."""
     problems = []
     d, t, m = cfg.data, cfg.train, cfg.merge
+    ranged = ("train.learning_rate", "train.weight_decay", "train.max_grad_norm", "train.checkpoint_every_minutes",
+              "train.epochs", "train.lora_dropout", "merge.tolerance")  # their own rules also refuse nan and inf
+    for section in SECTIONS:  # YAML reads .nan and .inf as numbers: no setting of the job means either
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value, key = getattr(getattr(cfg, section), f.name), f"{section}.{f.name}"
+            if isinstance(value, float) and not math.isfinite(value) and key not in ranged:
+                problems.append(f"{key}: must be a finite number, got {value}")
     if d.max_rows is not None and d.max_rows < 1:
         problems.append(f"data.max_rows: must be positive (or null for all rows), got {d.max_rows}")
     for key in ("data.seed", "train.seed"):

@@ -72,6 +72,9 @@ BAD_VALUES = [
     (["train.dataloader_workers=-1"], ["train.dataloader_workers"]),
     (["merge.check_prompts=0"], ["merge.check_prompts"]),
     (["merge.tolerance=-0.1"], ["merge.tolerance"]),
+    (["train.learning_rate=.nan"], ["train.learning_rate"]),
+    (["evaluate.temperature=.nan"], ["evaluate.temperature", "finite"]),
+    (["train.distributed_timeout_minutes=.inf"], ["train.distributed_timeout_minutes", "finite"]),
 ]
 
 
