@@ -114,7 +114,7 @@ def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, m
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from job.export_gguf import rope_settings
+    from job.export_gguf import head_dim, rope_settings
     from job.stages.merge import logits_of
 
     extra = {}
@@ -123,6 +123,10 @@ def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, m
         # transformers' GGUF reader ignores rope scaling (llama.cpp reads rope_freqs / rope.scaling.*): give
         # it merged/'s, so the logits compare the weights; the rope_freqs values are tested separately.
         extra["rope_parameters"] = {**scaling, "rope_theta": _theta}
+    cfg = plan.config
+    if head_dim(cfg) != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        # The file says it (attention.key_length, which llama.cpp reads); transformers' qwen3 reader skips it.
+        extra["head_dim"] = head_dim(cfg)
     g_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in examples]
     same_tokens = all(g_tok(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]

