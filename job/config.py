@@ -40,7 +40,11 @@ class DataConfig:
     """The CSV to learn from and how its rows become prompt/completion records."""
 
     uri: str = ""
-    """CSV file: local path or s3://bucket/key. Required."""
+    """The data: a .csv, .tsv, .jsonl/.json (JSON lines) or .parquet file, optionally .gz or .zst, as a local path or s3://bucket/key; or a Hub dataset hf://datasets/ORG/NAME[@REVISION] (its Parquet files). Required."""
+    format: str = "auto"
+    """auto (from data.uri's extension), csv, tsv, jsonl or parquet: overrides the extension (compression still comes from .gz/.zst)."""
+    split: str = "train"
+    """Which split of an hf://datasets/... repo to read (train, validation, test, ...)."""
     label_column: str = "gold_label"
     """Column whose value selects the rows to keep."""
     label: Optional[str] = "contradiction"
@@ -319,6 +323,10 @@ def _hyperparameters_layer(path: str, problems: list) -> dict:
     except (OSError, ValueError) as exc:
         problems.append(f"{path}: not valid JSON ({exc})")
         return {}
+    if not isinstance(tree, dict):
+        problems.append(f"{path}: must be a JSON object of \"section.key\": value pairs, got a JSON "
+                        f"{type(tree).__name__}")
+        return {}
     return {key: (_parse_scalar(value) if isinstance(value, str) and key not in SECRET_KEYS else value, path)
             for key, value in tree.items()
             # SageMaker adds its own sagemaker_* entries for script mode: not ours.
@@ -517,6 +525,7 @@ def _assign(cfg: Config, dotted: str, value: Any, source: str, problems: list) -
 
 
 _CHOICES = {
+    "data.format": ("auto", "csv", "tsv", "jsonl", "parquet"),
     "train.quant_type": ("nf4", "fp4"),
     "train.compute_dtype": ("auto", "bf16", "fp16", "fp32"),
     "merge.dtype": ("auto", "bf16", "fp16", "fp32"),

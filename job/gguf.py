@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -153,8 +154,10 @@ def _convert_into(path: Path, out_dir: Path, dtype: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InputError(f"{path}: transformers cannot load this GGUF file: {exc}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error) as exc:
+        # A truncated file fails inside gguf's reader (struct.error, a reshape of too few bytes).
+        raise InputError(f"{path}: transformers cannot load this GGUF file ({path.stat().st_size:,} bytes): "
+                         f"{exc}. A truncated or damaged copy? Download or copy it again") from None
 
     # Forget that the weights came from a quantized file: save_pretrained must write plain
     # safetensors and a config.json without quantization_config (else loading it asks for GGUF again).

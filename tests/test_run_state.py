@@ -213,3 +213,27 @@ def test_damaged_train_data_exits_2_naming_it(trained):
     data.write_bytes(data.read_bytes()[:-40])  # cut off mid-record
     result = run_job(*args, env=env)
     assert_clean_failure(result, 2, str(data), "--force format")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"train.lora_r=8"', "{not json"])
+def test_hyperparameters_json_that_is_not_an_object_exits_2(tmp_path, content):
+    hp = tmp_path / "hyperparameters.json"
+    hp.write_text(content)
+    result = run_job(*format_cmd(tmp_path / "run", SNLI_SAMPLE, command="config"),
+                     env=job_env(JOB_SAGEMAKER_HYPERPARAMETERS=hp))
+    assert_clean_failure(result, 2, str(hp))
+
+
+def test_truncated_gguf_exits_2_naming_it(tiny_model_dir, tmp_path):  # noqa: F811
+    pytest.importorskip("gguf")
+    from job.export_gguf import inspect_model, write_gguf
+
+    whole = tmp_path / "whole.gguf"
+    write_gguf(inspect_model(Path(tiny_model_dir)), whole, "f16")
+    env = job_env(JOB_CACHE_DIR=tmp_path / "cache")
+    for cut in (30, 200, whole.stat().st_size // 2):
+        gguf = tmp_path / f"cut{cut}.gguf"
+        gguf.write_bytes(whole.read_bytes()[:cut])
+        result = run_job("run", "--stages", "format,train", *sets(
+            f"run_uri={tmp_path / 'run'}", f"data.uri={SNLI_SAMPLE}", f"model.uri=gguf:{gguf}", *TRAIN_SETS), env=env)
+        assert_clean_failure(result, 2, str(gguf), "copy it again")
