@@ -4,7 +4,7 @@ the thing (key, file, URI) and says what to do. No traceback, no marker.
 Already covered elsewhere (not repeated here):
   tests/test_format.py  empty CSV, header only, missing columns, non-UTF-8 bytes, no row with the label,
                         rows with too many / too few fields, a huge field, missing local CSV, fewer rows
-                        than data.eval_size, data.uri naming a missing S3 object (exit 3)
+                        than data.eval_size, data.uri naming a missing S3 object (exit 2)
   tests/test_config.py  unknown keys, wrong types, bad choices, missing required keys (all at once),
                         invalid YAML, unreadable --config file, --set without '='
   tests/test_cli.py     the same through the CLI (exit 2), unknown --stages
