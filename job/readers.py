@@ -1,0 +1,263 @@
+"""data.uri in any supported format -> the same pandas DataFrame of text columns that format.read_csv gives.
+
+Formats: csv, tsv, jsonl (also .json and .ndjson, one object a line) and parquet, from the extension or
+data.format; .gz and .zst compression from the extension (decompressed with pyarrow's codecs: no extra
+dependency). Sources: a local path, s3://bucket/key, or hf://datasets/ORG/NAME[@REVISION] (the repo's
+Parquet files for data.split, fetched through job/hub.py).
+
+Every column is read as text, whatever its type in the file: an integer label 2 becomes "2", so
+data.label: 2 (or "2") selects it, as it would in a CSV. Nulls become "" (and are then dropped as blank
+or counted as another label). Every problem names the file and the line, row or column.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from job.config import Config
+from job.errors import InputError
+
+FORMATS = ("csv", "tsv", "jsonl", "parquet")
+EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+              ".parquet": "parquet", ".pq": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+MAX_FIELD_CHARS = 20_000  # as format.MAX_FIELD_CHARS: a field this long is a broken file, not a sentence
+
+
+def detect(uri: str, override: str = "auto") -> tuple[str, str | None]:
+    """(format, compression or None) from the URI's extension; data.format other than auto overrides the format."""
+    from job.hub import is_hf_uri
+
+    if is_hf_uri(uri):
+        return "parquet", None
+    name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    suffixes = [s for s in re.findall(r"\.[a-z0-9]+", name)]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    if override and override != "auto":
+        return override, compression
+    fmt = EXTENSIONS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise InputError(f"data.uri {uri}: cannot tell the format from the name; use a .csv, .tsv, .jsonl, .json "
+                         "or .parquet file (optionally .gz or .zst), or set data.format to csv, tsv, jsonl or parquet")
+    return fmt, compression
+
+
+def read_rows(cfg: Config, work_dir: Path, columns: list[str]) -> pd.DataFrame:
+    """The needed columns of data.uri as text, in file order."""
+    from job.hub import is_hf_uri
+
+    uri = cfg.data.uri
+    if is_hf_uri(uri):
+        return read_hub_dataset(cfg, columns)
+    fmt, compression = detect(uri, cfg.data.format)
+    from job.stages import format as fmt_stage
+
+    if fmt == "csv" and compression is None:  # the CSV path as it always was
+        return fmt_stage.read_csv(fmt_stage.fetch_csv(cfg, work_dir), uri, columns)
+    path = fetch_file(cfg, work_dir)
+    if compression is not None:
+        path = decompress(path, compression, uri, work_dir / ("input.decompressed." + fmt))
+    if fmt == "csv":
+        return fmt_stage.read_csv(path, uri, columns)
+    if fmt == "tsv":
+        return read_tsv(path, uri, columns)
+    if fmt == "jsonl":
+        return read_jsonl(path, uri, columns)
+    return read_parquet([path], uri, columns)
+
+
+def fetch_file(cfg: Config, work_dir: Path) -> Path:
+    """A local path to data.uri: the file itself, or a verified download of the s3:// object."""
+    from job.storage import is_s3, open_store, split_uri
+    from job.stages import storage_options
+
+    uri = cfg.data.uri
+    if not is_s3(uri):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise InputError(f"data.uri: no such file: {uri}")
+        return path
+    parent, name = split_uri(uri)
+    local = work_dir / ("input" + "".join(re.findall(r"\.[A-Za-z0-9]+$", name)) or "input")
+    open_store(parent, **storage_options(cfg)).download_file(name, local)
+    return local
+
+
+def decompress(path: Path, compression: str, name: str, target: Path) -> Path:
+    """The decompressed copy of a .gz / .zst file, streamed through pyarrow's codec."""
+    try:
+        with pa.CompressedInputStream(pa.OSFile(str(path)), compression) as stream, open(target, "wb") as out:
+            while chunk := stream.read(16 << 20):
+                out.write(chunk)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        target.unlink(missing_ok=True)
+        raise InputError(f"{name}: not a valid {compression} file ({str(exc).splitlines()[0]}); check the "
+                         "file, or drop the compression extension if it is not compressed") from None
+    return target
+
+
+def read_tsv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
+    """Tab-separated, one record a line, no quoting (as SNLI's own .txt files: quotes are text)."""
+    import pyarrow.csv as pacsv
+
+    raw = _text_bytes(path, name)
+    header = raw.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8").split("\t")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise InputError(_missing_message(name, missing, header))
+    bad_rows = []
+    try:
+        table = pacsv.read_csv(io.BytesIO(raw), parse_options=pacsv.ParseOptions(
+            delimiter="\t", quote_char=False, invalid_row_handler=lambda row: bad_rows.append(row) or "skip"),
+            convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns},
+                                                 strings_can_be_null=False))
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{name}: malformed TSV: {exc}") from None
+    if bad_rows:
+        row = bad_rows[0]
+        lines = raw.decode("utf-8").split("\n")
+        line = next((i + 1 for i, text in enumerate(lines) if text.rstrip("\r") == row.text), "?")
+        raise InputError(f"{name}: line {line} has {row.actual_columns} tab-separated fields instead of the header's "
+                         f"{row.expected_columns}: {row.text[:80]!r}; {len(bad_rows)} such row(s)")
+    return to_text_frame(table, name, columns)
+
+
+def read_jsonl(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
+    """One JSON object a line; pyarrow's parser, with a line-by-line pass to name the line when it fails or
+    when a column mixes types (a label that is 2 in one line and "2" in another)."""
+    import pyarrow.json as pajson
+
+    raw = _text_bytes(path, name)
+    try:
+        table = pajson.read_json(io.BytesIO(raw), read_options=pajson.ReadOptions(block_size=max(1 << 20, min(len(raw) + 1, 64 << 20))))
+    except pa.ArrowInvalid:
+        table = _jsonl_by_line(raw.decode("utf-8"), name, columns)
+    return to_text_frame(table, name, columns)
+
+
+def _jsonl_by_line(text: str, name: str, columns: list[str]) -> pa.Table:
+    rows, present = [], set()
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            hint = "; a .json file must hold one object a line (JSON lines), not one array" if number == 1 and \
+                line.lstrip().startswith("[") else ""
+            raise InputError(f"{name}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{name}: line {number} is a JSON {type(record).__name__}, expected an object "
+                             "(one record a line)")
+        rows.append({c: _as_text(record.get(c), name, number, c) for c in columns})
+        present.update(c for c in columns if c in record)
+    return pa.table({c: pa.array([row[c] for row in rows], pa.string()) for c in columns if c in present})
+
+
+def _as_text(value, name: str, line: int, column: str):
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        raise InputError(f"{name}: line {line}, column {column}: holds a JSON {type(value).__name__}, expected text "
+                         "or a number")
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def read_parquet(paths: list[Path], name: str, columns: list[str]) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in paths:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{name}: {Path(path).name} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise InputError(_missing_message(name, missing, schema.names))
+        try:
+            tables.append(pq.read_table(path, columns=columns))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{name}: {Path(path).name}: cannot read the Parquet data ({str(exc).splitlines()[0]})") from None
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    return to_text_frame(table, name, columns)
+
+
+def read_hub_dataset(cfg: Config, columns: list[str]) -> pd.DataFrame:
+    """The Parquet files of data.split in a Hub dataset repo (the layout the Hub serves: SPLIT-*.parquet,
+    CONFIG/SPLIT-*.parquet or CONFIG/SPLIT/*.parquet), downloaded once into the job's cache."""
+    from job import hub
+    from job.platform import cache_dir
+
+    uri, split = cfg.data.uri, cfg.data.split
+    ref = hub.parse_hf_uri(uri, "data.uri")
+    folder = hub.download(ref, cache_dir(cfg), allow_patterns=[f"*{split}*.parquet"],
+                          max_attempts=cfg.storage.max_attempts, key="data.uri")
+    pattern = re.compile(rf"(^|/){re.escape(split)}([-_.][^/]*)?\.parquet$|(^|/){re.escape(split)}/[^/]+\.parquet$")
+    files = sorted(p for p in folder.rglob("*.parquet") if pattern.search(p.relative_to(folder).as_posix()))
+    if not files:
+        raise InputError(f"data.uri {uri}: no Parquet files for split {split!r} (looked for {split}-*.parquet and "
+                         f"{split}/*.parquet); set data.split to one of the repo's splits (train, validation, test, ...)")
+    return read_parquet(files, f"{uri} (split {split})", columns)
+
+
+def to_text_frame(table: pa.Table, name: str, columns: list[str]) -> pd.DataFrame:
+    """The columns as pandas text (object) columns without nulls; integers and booleans written as in a CSV."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(_missing_message(name, missing, table.column_names))
+    if table.num_rows == 0:
+        raise InputError(f"{name}: has no data rows")
+    out = {}
+    for c in columns:
+        column = table.column(c)
+        kind = column.type
+        if pa.types.is_dictionary(kind):
+            column, kind = column.cast(kind.value_type), kind.value_type
+        if pa.types.is_boolean(kind):
+            column = pa.chunked_array([pa.array(["true" if v else "false" if v is not None else None
+                                                 for v in chunk.to_pylist()], pa.string()) for chunk in column.chunks],
+                                      pa.string())
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind) \
+                or pa.types.is_large_string(kind) or pa.types.is_null(kind):
+            column = column.cast(pa.string())
+        elif not pa.types.is_string(kind):
+            raise InputError(f"{name}: column {c} holds {kind} values, expected text or numbers")
+        out[c] = column.fill_null("")
+    frame = pa.table(out).to_pandas()[columns]
+    lengths = np.stack([frame[c].str.len().to_numpy() for c in columns], axis=1)
+    if lengths.max() > MAX_FIELD_CHARS:
+        row, col = divmod(int(lengths.argmax()), len(columns))
+        raise InputError(f"{name}: row {row + 1}, column {columns[col]}: a field of {int(lengths.max()):,} "
+                         f"characters (limit {MAX_FIELD_CHARS:,})")
+    return frame
+
+
+def _text_bytes(path: Path, name: str) -> bytes:
+    raw = Path(path).read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if not raw.strip():
+        raise InputError(f"{name}: the file is empty")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{name}: line {line} (byte {exc.start}) is not valid UTF-8 "
+                         f"({raw[exc.start:exc.start + 4]!r}); re-save the file as UTF-8") from None
+    return raw
+
+
+def _missing_message(name: str, missing: list[str], present: list[str]) -> str:
+    return (f"{name}: missing column(s) {', '.join(map(repr, missing))}; the file has "
+            f"{', '.join(map(repr, present)) or 'no columns'}. Set data.label_column / data.source_column / "
+            "data.target_column to the right names")
