@@ -87,7 +87,7 @@ class ModelConfig:
     """The base model: a Hugging Face model folder (config, safetensors weights, tokenizer)."""
 
     uri: str = ""
-    """Model folder: local path or s3://bucket/prefix. Required."""
+    """Hugging Face model folder: local path, s3://bucket/prefix, hf://ORG/NAME[@REVISION] (Hugging Face Hub; token from HF_TOKEN) or gguf:... Required."""
     cache_dir: str = ""
     """Where the model is downloaded once and reused on restart. Empty: $JOB_CACHE_DIR or ~/.cache/qlora-job."""
     attn_implementation: str = "auto"

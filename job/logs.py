@@ -32,7 +32,9 @@ _format = "text"  # set by setup_logging
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN",
               # botocore still reads the old name of the session token; ECS/EKS pod identity's token
-              "AWS_SECURITY_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN")
+              "AWS_SECURITY_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+              # experiment trackers (train.report_to)
+              "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 
 
 class SecretFilter(logging.Filter):
