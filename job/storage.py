@@ -461,9 +461,11 @@ class S3Store(Store):
                     raise _Unsupported(f"it rejects {next(iter(condition))} with {code}") from None
                 raise
 
+        written = False
         with self._errors(rel):
             try:
                 put(IfNoneMatch="*")
+                written = True
                 etag = self.client.head_object(Bucket=self.bucket, Key=key)["ETag"]
                 if put(IfNoneMatch="*") is None:
                     return "a PutObject with If-None-Match: * overwrote an existing object (S3 answers 412)"
@@ -475,7 +477,8 @@ class S3Store(Store):
             except _Unsupported as exc:
                 return str(exc)
             finally:
-                self.client.delete_object(Bucket=self.bucket, Key=key)
+                if written:  # else nothing was stored (and a dead endpoint is not waited for twice)
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
 
 
 # A condition that does not hold: 412 Precondition Failed, or 409 when a concurrent conditional write won.
