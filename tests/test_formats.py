@@ -146,3 +146,14 @@ def test_mixed_types_in_a_json_column_read_as_text(tmp_path):
                         "data.eval_size=5")
     assert result.returncode == 0, result.stderr
     assert json.loads((root / "data" / "stats.json").read_text())["rows_kept"] == 30
+
+
+def test_the_hub_example_runs_offline_on_the_bundled_parquet(tmp_path):
+    from tests.helpers import ROOT
+
+    result = run_job("run", "--config", ROOT / "examples" / "snli-hub.yaml", "--stages", "format",
+                     "--set", f"run_uri={tmp_path / 'run'}", "--set", "data.uri=examples/data/snli_hub_layout.parquet",
+                     "--set", "data.eval_size=100", env=job_env(None, JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    assert (stats["rows_read"], stats["train_rows"], stats["eval_rows"]) == (1000, 900, 100)
