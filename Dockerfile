@@ -10,6 +10,9 @@
 #   TORCH_INDEX_URL  where torch comes from; TORCH_VERSION which one (a CUDA 12.8 build by default).
 #                    scripts/image-check.sh builds this same file on a Debian base with a CPU torch.
 #   VERSION, REVISION, CREATED   OCI labels, set by CI (e.g. --build-arg REVISION=$(git rev-parse HEAD)).
+#   JOB_EXTRAS       optional dependency groups of the job installed too; default `gpu` (liger-kernel,
+#                    whose Triton kernels train.liger: auto uses on CUDA; it needs triton, which the
+#                    CUDA torch wheel already brings). Empty: without them.
 #
 # No HEALTHCHECK on purpose: this is a batch job, not a service. It is "healthy" while it runs and
 # reports through its exit code (0, 1, 2, 3, 75); a health probe could only kill a long step.
@@ -25,6 +28,7 @@ FROM ${BASE_IMAGE} AS builder
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_VERSION=2.11.0
+ARG JOB_EXTRAS=gpu
 
 # pip settings for builds behind a package mirror or a TLS-inspecting proxy; unset: pip's defaults.
 # They exist in this stage only: nothing of them reaches the runtime image.
@@ -55,7 +59,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY scripts/image-constraints.txt ./constraints.txt
 COPY job ./job
-RUN /opt/venv/bin/pip install --constraint constraints.txt . \
+RUN /opt/venv/bin/pip install --constraint constraints.txt ".${JOB_EXTRAS:+[$JOB_EXTRAS]}" \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/job --version
 

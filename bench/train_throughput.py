@@ -1,8 +1,18 @@
-"""Training throughput, in one process on one card: the Colab notebook's QLoRA recipe against the
-job's train stage with its defaults (and any variants), on the same data and model shape.
+"""Training throughput on one card: the Colab notebook's QLoRA recipe against the job's train stage
+with its defaults (and any variants), on the same data and model shape.
 
-    python bench/train_throughput.py --shape 7b --steps 12 --warmup 4 \
-        [--variant "flex: model.attn_implementation=flex_attention"] [--out results.json]
+    python bench/train_throughput.py --shape 7b --steps 12 --warmup 4 --repeats 3 \
+        [--variant sdpa --variant varlen --variant varlen+liger --variant flex] \
+        [--variant "mine: train.lora_dropout=0"] [--cap-gb 80] [--out results.json]
+
+Each recipe runs in a fresh process of its own, one after another, on the same card: Liger patches
+the architecture's module for the whole process (it cannot be switched off again), and a fresh
+process also shows the start-up a batch job pays (first_step_s: from building the trainer, model load
+included, to the end of the first optimizer step; process_first_step_s: from the process start).
+With --repeats N the notebook and the job defaults alternate N times (notebook, job, notebook, ...),
+so a drift of the machine hits both; the summary gives each recipe's median and spread.
+Presets for --variant: sdpa, varlen, varlen+liger, flex (see VARIANTS); any other value is
+"NAME: key=value key=value", the job recipe with those settings.
 
 The model has random weights, made on the GPU (speed and memory do not depend on weight values);
 the tokenizer is the test tokenizer trained on SNLI (or --tokenizer DIR). Data: the SNLI
@@ -18,10 +28,16 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+PROCESS_START = time.perf_counter()
+
+import torch  # noqa: E402 - PROCESS_START counts the import too
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
@@ -29,6 +45,12 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "small": (1024, 8, 16, 16, 2816, 32000),
 }
 PEAK_FLOPS = 989e12
+VARIANTS = {  # named variants of the job recipe
+    "sdpa": ("model.attn_implementation=sdpa", "train.liger=false"),
+    "varlen": ("model.attn_implementation=varlen", "train.liger=false"),
+    "varlen+liger": ("model.attn_implementation=varlen", "train.liger=true"),
+    "flex": ("model.attn_implementation=flex_attention", "train.liger=false"),
+}
 
 
 def make_records(n: int) -> list[dict]:
@@ -103,7 +125,7 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
     from job.model import compute_dtype
     from job.pipeline import Context
     from job.stages.labels import tokenize_examples
-    from job.stages.train import build_trainer, load_base_model, plan_batch
+    from job.stages.train import build_trainer, choose_kernels, load_base_model, plan_batch
     from job.storage import open_store
 
     cfg = load_config(None, (f"run_uri={out_dir}/run", "data.uri=x.csv", f"model.uri={model_dir}",
@@ -111,12 +133,14 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
                              "train.checkpoint_every_minutes=0", "train.logging_steps=1000", *sets), environ={})
     examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
     dtype = compute_dtype(cfg.train.compute_dtype)
-    settings = plan_batch(cfg, examples, Path(model_dir))
-    model = load_base_model(cfg, Path(model_dir), dtype)
+    kernels = choose_kernels(cfg, Path(model_dir))
+    settings = plan_batch(cfg, examples, Path(model_dir), kernels)
+    model = load_base_model(cfg, Path(model_dir), dtype, kernels)
     ctx = Context(store=open_store(f"{out_dir}/run"), work_dir=Path(out_dir) / "work", fingerprint="bench")
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
     trainer.args.disable_tqdm = True
-    return trainer, settings
+    return trainer, {**settings, "attention": kernels["attention"], "liger": kernels["liger"],
+                     "liger_reason": kernels["liger_reason"]}
 
 
 def flops_per_token(shape, trainable: int) -> float:
@@ -141,16 +165,116 @@ def run_recipe(name, make, warmup, shape):
         torch.cuda.empty_cache()
         return {"recipe": name, "settings": settings, "tokens_per_s": float("nan"), "s_per_step": float("nan"),
                 "tokens_per_step": float("nan"), "peak_gib": float("nan"), "mfu": float("nan"),
-                "first_step_s": float("nan"), "error": "out of memory"}
+                "first_step_s": float("nan"), "error": "out of memory",
+                "device": torch.cuda.get_device_name()}
     result = timer.summary(warmup)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result.update(recipe=name, settings=settings, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                   mfu=result["tokens_per_s"] * flops_per_token(shape, trainable) / PEAK_FLOPS,
-                  wall_s=time.perf_counter() - t0, first_step_s=timer.marks[0][0] - t0)
+                  wall_s=time.perf_counter() - t0, first_step_s=timer.marks[0][0] - t0,
+                  process_first_step_s=timer.marks[0][0] - PROCESS_START, device=torch.cuda.get_device_name(),
+                  losses=[e["loss"] for e in trainer.state.log_history if "loss" in e])
     del trainer
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def make_model_in_subprocess(model_dir: Path, shape_name: str, tokenizer: Path | None) -> None:
+    """The random-weight model, made on the GPU by a process of its own (this one never touches CUDA,
+    so every recipe's process finds the card as a fresh job would)."""
+    if (model_dir / "config.json").is_file():
+        return
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape_name]
+    cmd = [sys.executable, "-m", "job.tiny_model", str(model_dir), "--csv", str(ROOT / "tests/data/snli_sample.csv"),
+           "--hidden", hidden, "--layers", layers, "--heads", heads, "--kv-heads", kv, "--intermediate", inter,
+           "--model-vocab", vocab, "--dtype", "bfloat16", "--device", "cuda"]
+    if tokenizer:
+        cmd += ["--tokenizer", str(tokenizer)]
+    t0 = time.perf_counter()
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+    print(f"model {shape_name} made in {time.perf_counter() - t0:.1f} s: {model_dir}", flush=True)
+
+
+def recipe_specs(args) -> list[dict]:
+    """What to run, in order: the notebook and the job defaults alternating --repeats times, then variants."""
+    recipes = [r for r in args.recipes.split(",") if r]
+    specs = []
+    for _ in range(args.repeats):
+        specs += [{"name": "notebook", "kind": "notebook", "sets": []}] if "notebook" in recipes else []
+        specs += [{"name": "job defaults", "kind": "job", "sets": []}] if "job" in recipes else []
+    for variant in args.variant:
+        if variant.strip() in VARIANTS:
+            specs.append({"name": variant.strip(), "kind": "job", "sets": list(VARIANTS[variant.strip()])})
+        else:
+            name, _, sets = variant.partition(":")
+            specs.append({"name": name.strip(), "kind": "job", "sets": sets.split()})
+    return specs
+
+
+def run_child(spec: dict, args, index: int) -> dict:
+    """One recipe in a fresh process (see the module docstring); its result comes back as JSON."""
+    out = Path(f"/tmp/bench-work/result-{os.getpid()}-{index}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out), "--shape", args.shape,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
+           "--model-dir", str(args.model_dir)] + (["--cap-gb", str(args.cap_gb)] if args.cap_gb else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode != 0 or not out.is_file():
+        return {"recipe": spec["name"], "settings": {"sets": spec["sets"]}, "error": f"exit code {proc.returncode}"}
+    return json.loads(out.read_text())
+
+
+def child_main(args) -> None:
+    from job.model import load_tokenizer
+
+    spec = json.loads(args.child)
+    if args.cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total)
+    shape = SHAPES[args.shape]
+    tokenizer = load_tokenizer(args.model_dir, str(args.model_dir))
+    records = make_records(args.examples)
+    total = args.steps + args.warmup
+    work = Path("/tmp/bench-work") / spec["name"].replace(" ", "-").replace("/", "-")
+    if spec["kind"] == "notebook":
+        result = run_recipe(spec["name"], lambda: notebook_trainer(args.model_dir, tokenizer, records, total, work),
+                            args.warmup, shape)
+    else:
+        result = run_recipe(spec["name"], lambda: job_trainer(args.model_dir, tokenizer, records, total, work,
+                                                              tuple(spec["sets"])), args.warmup, shape)
+    result["sets"] = spec["sets"]
+    args.child_out.write_text(json.dumps(result))
+
+
+def summarise(results: list[dict], args) -> None:
+    ok = [r for r in results if not r.get("error")]
+    device = ok[0]["device"] if ok else "?"
+    notebook = [r["tokens_per_s"] for r in ok if r["recipe"] == "notebook"]
+    base = statistics.median(notebook) if notebook else None
+    cap = f", memory capped at {args.cap_gb:g} GiB" if args.cap_gb else ""
+    print(f"\n{device}, shape {args.shape}, {args.steps} measured steps after {args.warmup}{cap}")
+    print("each run:")
+    print(f"{'recipe':<28}{'tok/s':>9}{'s/step':>8}{'tok/step':>10}{'peak GiB':>10}{'MFU':>7}{'x nb':>7}"
+          f"{'1st step s':>11}{'from start':>11}")
+    for r in results:
+        if r.get("error"):
+            print(f"{r['recipe']:<28}{r['error']}\n    settings: {r['settings']}")
+            continue
+        ratio = f"{r['tokens_per_s'] / base:.1f}" if base else "-"
+        print(f"{r['recipe']:<28}{r['tokens_per_s']:>9.0f}{r['s_per_step']:>8.2f}{r['tokens_per_step']:>10.0f}"
+              f"{r['peak_gib']:>10.1f}{r['mfu']:>7.1%}{ratio:>7}{r['first_step_s']:>11.1f}"
+              f"{r.get('process_first_step_s', float('nan')):>11.1f}")
+        print(f"    settings: {r['settings']}")
+    print("by recipe (median, spread = min-max over runs):")
+    for name in dict.fromkeys(r["recipe"] for r in ok):
+        runs = [r for r in ok if r["recipe"] == name]
+        speeds = [r["tokens_per_s"] for r in runs]
+        firsts = ", ".join(f"{r['first_step_s']:.1f}" for r in runs)
+        print(f"  {name:<26} {statistics.median(speeds):>9,.0f} tok/s  spread {min(speeds):,.0f}-{max(speeds):,.0f}"
+              f"  ({len(runs)} runs)  first step s: {firsts}  peak GiB {max(r['peak_gib'] for r in runs):.1f}")
 
 
 def main():
@@ -158,61 +282,30 @@ def main():
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--examples", type=int, default=40000)
+    parser.add_argument("--examples", type=int, default=12000)
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: train the test tokenizer)")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/bench-model"))
     parser.add_argument("--recipes", default="notebook,job", help="comma list of notebook, job")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the notebook and the job this many times")
     parser.add_argument("--variant", action="append", default=[],
-                        help='"NAME: key=value key=value" - the job recipe with extra settings')
-    parser.add_argument("--cap-gb", type=float, help="cap this process's GPU memory (a 16 GiB card: 16)")
-    parser.add_argument("--out", type=Path)
+                        help=f'one of {", ".join(VARIANTS)}, or "NAME: key=value key=value" (the job recipe '
+                             "with extra settings)")
+    parser.add_argument("--cap-gb", type=float, help="cap each recipe's GPU memory (an H100: 80, a 16 GiB card: 16)")
+    parser.add_argument("--out", type=Path, help="results as JSON (rewritten after every recipe)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.cap_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total)
+    if args.child:
+        return child_main(args)
 
-    from job.model import load_tokenizer
-    from job.tiny_model import make_model
-
-    shape = SHAPES[args.shape]
-    hidden, layers, heads, kv, inter, vocab = shape
-    if not (args.model_dir / "config.json").is_file():
-        make_model(args.model_dir, ROOT / "tests" / "data" / "snli_sample.csv", hidden=hidden, layers=layers,
-                   heads=heads, kv_heads=kv, intermediate=inter, model_vocab=vocab, dtype="bfloat16",
-                   device="cuda", tokenizer_dir=args.tokenizer)
-    tokenizer = load_tokenizer(args.model_dir, str(args.model_dir))
-    records = make_records(args.examples)
-    total = args.steps + args.warmup
-    work = Path("/tmp/bench-work")
+    make_model_in_subprocess(args.model_dir, args.shape, args.tokenizer)
     results = []
-    recipes = [r for r in args.recipes.split(",") if r]
-    if "notebook" in recipes:
-        results.append(run_recipe("notebook", lambda: notebook_trainer(args.model_dir, tokenizer, records, total,
-                                                                       work / "nb"), args.warmup, shape))
-    if "job" in recipes:
-        results.append(run_recipe("job defaults", lambda: job_trainer(args.model_dir, tokenizer, records, total,
-                                                                      work / "job", ()), args.warmup, shape))
-    for variant in args.variant:
-        name, _, sets = variant.partition(":")
-        results.append(run_recipe(name.strip(), lambda s=tuple(sets.split()): job_trainer(
-            args.model_dir, tokenizer, records, total, work / name.strip(), s), args.warmup, shape))
-        print(json.dumps(results[-1]), flush=True)
-
-    base = next((r["tokens_per_s"] for r in results if r["recipe"] == "notebook"), None)
-    cap = f", memory capped at {args.cap_gb:g} GiB" if args.cap_gb else ""
-    print(f"\n{torch.cuda.get_device_name()}, shape {args.shape}, {args.steps} measured steps after {args.warmup}{cap}")
-    print(f"{'recipe':<28}{'tok/s':>9}{'s/step':>8}{'tok/step':>10}{'peak GiB':>10}{'MFU':>7}{'x nb':>7}"
-          f"{'1st step s':>11}")
-    for r in results:
-        if r.get("error"):
-            print(f"{r['recipe']:<28}{r['error']}\n    settings: {r['settings']}")
-            continue
-        ratio = f"{r['tokens_per_s'] / base:.1f}" if base else "-"
-        print(f"{r['recipe']:<28}{r['tokens_per_s']:>9.0f}{r['s_per_step']:>8.2f}{r['tokens_per_step']:>10.0f}"
-              f"{r['peak_gib']:>10.1f}{r['mfu']:>7.1%}{ratio:>7}{r['first_step_s']:>11.1f}")
-        print(f"    settings: {r['settings']}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    for index, spec in enumerate(recipe_specs(args)):
+        results.append(run_child(spec, args, index))
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+    summarise(results, args)
 
 
 if __name__ == "__main__":
