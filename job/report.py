@@ -127,6 +127,35 @@ def merge_summary(merge_marker: Optional[dict]) -> dict:
     return {"enabled": True, **{k: m.get(k) for k in MERGE_KEYS}}
 
 
+def export_summary(export_marker: Optional[dict]) -> Optional[dict]:
+    """The GGUF export's read-back check per file (None when the export is disabled)."""
+    if export_marker is None:
+        return None
+    m = export_marker.get("metrics", {})
+    return {"files": {t: {k: f.get(k) for k in ("file", "bytes", "write_seconds", "peak_rss_gb", "check")}
+                      for t, f in (m.get("files") or {}).items()},
+            **{k: m.get(k) for k in ("modelfile", "arch", "tokenizer_model", "tokenizer_pre", "add_bos_token",
+                                     "tied_embeddings", "check_examples")}}
+
+
+def _export_markdown(e: Optional[dict]) -> list[str]:
+    if not e:
+        return []
+    out = ["", "## GGUF export", "",
+           f"{_fmt(e['arch'])} architecture, tokenizer {_fmt(e['tokenizer_model'])}"
+           + (f" (pre {e['tokenizer_pre']})" if e.get("tokenizer_pre") else "")
+           + f", Ollama file `{_fmt(e['modelfile'])}`. Each file read back with transformers on "
+           f"{_fmt(e['check_examples'])} eval examples against merged/:", "",
+           "| file | MB | top-token agreement (min) | max logit diff | same tokens | same chat template | peak RSS GB |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for f in e["files"].values():
+        c = f.get("check") or {}
+        out.append(f"| `{f['file']}` | {f['bytes'] / 1e6:.1f} | {_fmt(c.get('argmax_agreement'), '{:.2%}')} "
+                   f"({_fmt(c.get('min_agreement'))}) | {_fmt(c.get('max_logit_diff'), '{:.3g}')} | "
+                   f"{_fmt(c.get('same_tokens'))} | {_fmt(c.get('same_chat_template'))} | {_fmt(f['peak_rss_gb'])} |")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # report.md
 
@@ -168,6 +197,7 @@ def render_markdown(report: dict, rows: list[dict]) -> str:
                 f"resident, GPU {_fmt(m['peak_gpu_memory_gb'])} GiB."]
     else:
         out += [m["note"] + "."]
+    out += _export_markdown(report.get("export"))
 
     g = report["generation"]
     out += ["", "## Metrics", "",

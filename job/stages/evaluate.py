@@ -21,7 +21,7 @@ from job.errors import ConfigError, InputError
 from job.model import fetch_model
 from job.predict import generate, inference_dtype, load_inference_tokenizer, load_model
 from job.run_files import read_json_object, read_jsonl
-from job.report import merge_summary, parse_all, plot_loss, prediction_rows, render_markdown, score, train_summary
+from job.report import export_summary, merge_summary, parse_all, plot_loss, prediction_rows, render_markdown, score, train_summary
 from job.stages import storage_options
 from job.storage import redact_uri
 
@@ -125,6 +125,7 @@ def build_report(cfg: Config, ctx, records, scores, described, dtype, device, av
         "finetuned_model": described,
         "train": train_summary(train.get("metrics", {})),
         "merge": merge_summary(ctx.upstream.get("merge")),
+        "export": export_summary(ctx.upstream.get("export")),
         "data": stats,
         "generation": {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "do_sample": e.do_sample,
                        "temperature": e.temperature if e.do_sample else None,
