@@ -5,7 +5,7 @@
 # Writes RUN_DIR/../llama_cpp_check.json and prints it; exit 1 when an answer differs.
 set -euo pipefail
 run=${1:?RUN_DIR}; n=${2:-5}
-python -c "import llama_cpp" 2>/dev/null || pip install "llama-cpp-python==0.3.16"
+python -c "import llama_cpp" 2>/dev/null || pip install llama-cpp-python
 python - "$run" "$n" <<'PY'
 import csv, json, sys
 from pathlib import Path
