@@ -47,6 +47,7 @@ BAD_VALUES = [
     (["train.optimizer=adam_w"], ["train.optimizer", "adam_w", "adamw_torch"]),
     (["train.target_modules=[]"], ["train.target_modules", "non-empty"]),
     (["train.target_modules=[q_proj, '']"], ["train.target_modules"]),
+    (["train.target_modules='q_proj['"], ["train.target_modules", "regular expression"]),
     (["train.warmup_steps=-5"], ["train.warmup_steps", ">= 0"]),
     (["train.logging_steps=0"], ["train.logging_steps", "positive"]),
     (["train.checkpoint_every_steps=-1"], ["train.checkpoint_every_steps"]),
