@@ -675,6 +675,12 @@ def _check_run_values(cfg: Config) -> list[str]:
                             f"(e.g. [q_proj, v_proj]), got {t.target_modules!r}")
     elif not t.target_modules.strip():
         problems.append("train.target_modules: must be \"all-linear\" or a list of module names, got ''")
+    elif t.target_modules != "all-linear":  # PEFT reads any other string as a regular expression
+        try:
+            re.compile(t.target_modules)
+        except re.error as exc:
+            problems.append(f"train.target_modules: {t.target_modules!r} is neither \"all-linear\" nor a valid "
+                            f"regular expression ({exc}); for names use a list, e.g. [q_proj, v_proj]")
     if t.packing and isinstance(t.packing_length, int) and 0 < t.packing_length < t.max_seq_length:
         problems.append(f"train.packing_length ({t.packing_length}) is shorter than train.max_seq_length "
                         f"({t.max_seq_length}): an example of train.max_seq_length tokens would not fit in a packed "
