@@ -131,6 +131,31 @@ def fetch_model(uri: str, cache_root: Path, max_attempts: int = 10, key: str = "
     return folder
 
 
+def revision_identity(uri: str, cache_root: Path, timeout: float = 10.0) -> dict | None:
+    """{"commit": sha} that hf://...[@REVISION] names now, for the stage fingerprints (job/stages/__init__.py):
+    a branch that moved makes the stage stale in `job plan` and `job run`. A commit sha is its own answer;
+    with HF_HUB_OFFLINE=1 the ref the cache recorded answers; otherwise one metadata request. None when it
+    cannot be known now (the hub is down, no access): the pipeline then keeps what the marker recorded."""
+    try:
+        ref = parse_hf_uri(uri)
+    except InputError:
+        return None
+    if ref.revision and _COMMIT.fullmatch(ref.revision):
+        return {"commit": ref.revision}
+    try:
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        if constants.HF_HUB_OFFLINE:
+            cached = hub_cache(cache_root) / repo_folder_name(repo_id=ref.repo_id, repo_type=ref.repo_type) / "refs" / (
+                ref.revision or constants.DEFAULT_REVISION)
+            return {"commit": cached.read_text().strip()} if cached.is_file() else None
+        info = HfApi().repo_info(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision, timeout=timeout)
+        return {"commit": info.sha} if info.sha else None
+    except Exception:  # noqa: BLE001 - unknown is an answer here; the stage reports the real error when it runs
+        return None
+
+
 def resolved_revision(uri: str, folder: Path) -> str | None:
     """The commit sha a hub download resolved to (its snapshot folder's name); None for other URIs."""
     if not is_hf_uri(uri):

@@ -53,6 +53,14 @@ class FakeHub:
         self.repos[(kind, repo_id)] = repo
         return dict(repo.refs)
 
+    def push(self, kind: str, repo_id: str, ref: str, files: dict[str, bytes]) -> str:
+        """A new commit on `ref` (the branch moves); returns its sha."""
+        repo = self.repos[(kind, repo_id)]
+        sha = hashlib.sha1(f"{repo_id}@{ref}#{len(repo.commits)}".encode()).hexdigest()
+        repo.commits[sha] = files
+        repo.refs[ref] = sha
+        return sha
+
     def start(self) -> "FakeHub":
         hub = self
 

@@ -126,3 +126,46 @@ def test_endpoint_down_mid_download_exits_3_and_a_rerun_resumes(tiny_model_dir, 
     finally:
         fake.stop()
         shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_a_moved_branch_makes_the_stage_stale_in_plan_and_run(tmp_path):
+    """The commit an hf:// branch names is part of the fingerprint: after a push to main, `job plan` says
+    what changed and `job run` refuses to mix results; a pinned commit stays done."""
+    import io
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import SNLI_SAMPLE
+
+    def parquet_of(frame):
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+        return sink.getvalue()
+
+    frame = pd.read_csv(SNLI_SAMPLE, dtype=str, keep_default_na=False)
+    fake = FakeHub()
+    first = fake.add_repo("datasets", "org/snli", {"main": {"data/train-00000-of-00001.parquet": parquet_of(frame)}})
+    fake.start()
+    try:
+        env = hub_env(fake, tmp_path / "cache")
+
+        def args(name, uri):
+            return ["--set", f"run_uri={tmp_path / name}", "--set", f"data.uri={uri}", "--set", "data.eval_size=20",
+                    "--set", "model.uri=/unused"]
+
+        branch, pinned = args("branch", "hf://datasets/org/snli"), args("pinned", f"hf://datasets/org/snli@{first['main']}")
+        for sets in (branch, pinned):
+            done = run_job("run", "--stages", "format", *sets, env=env)
+            assert done.returncode == 0, done.stderr
+        second = fake.push("datasets", "org/snli", "main", {"data/train-00000-of-00001.parquet": parquet_of(frame.head(200))})
+
+        plan = run_job("plan", *branch, env=env)
+        assert plan.returncode == 0, plan.stderr
+        assert f"data.uri content changed (commit {first['main']} -> commit {second})" in plan.stdout
+        refused = run_job("run", "--stages", "format", *branch, env=env)
+        assert refused.returncode == 2 and "--force format" in refused.stderr
+        assert run_job("plan", *pinned, env=env).stdout.startswith("format    done")
+    finally:
+        fake.stop()

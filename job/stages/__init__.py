@@ -6,6 +6,7 @@ Stage modules are imported lazily: `job plan` and `job config` must not pay for 
 from __future__ import annotations
 
 from job.config import Config
+from job.hub import is_hf_uri
 from job.input_identity import file_identity
 from job.pipeline import Stage
 
@@ -32,6 +33,14 @@ OPERATIONAL_EVALUATE_KEYS = ("evaluate.batch_size",)
 OPERATIONAL_EXPORT_KEYS = ("export.check_prompts", "export.min_agreement")
 
 
+def hub_identity(cfg: Config, uri: str):
+    """The commit an hf:// URI names now (job/hub.py), or None when the hub cannot say."""
+    from job.hub import revision_identity
+    from job.platform import cache_dir
+
+    return revision_identity(uri, cache_dir(cfg))
+
+
 def _lazy(module: str):
     def run(cfg, ctx):
         import importlib
@@ -46,10 +55,13 @@ def all_stages() -> list[Stage]:
         # The CSV's identity (content hash, or ETag and version) is part of format's fingerprint: the same
         # data.uri with other content makes format stale.
         Stage("format", _lazy("format"), config_keys=("data", "prompt"), outputs=("data",),
-              inputs=lambda c: {"data.uri": file_identity(c.data.uri, storage_options(c))}),
+              inputs=lambda c: {"data.uri": hub_identity(c, c.data.uri) if is_hf_uri(c.data.uri)
+                                else file_identity(c.data.uri, storage_options(c))}),
         # storage settings and cache folders change where bytes travel, not the result: not in the keys.
         Stage("train", _lazy("train"), config_keys=("model.uri", "model.attn_implementation", "train"),
               ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=("adapter", "checkpoints", "tensorboard"),
+              # hf://ORG/NAME@branch: the commit it names now (a moved branch makes train stale); {} otherwise
+              inputs=lambda c: {"model.uri": hub_identity(c, c.model.uri)} if is_hf_uri(c.model.uri) else {},
               all_ranks=True),  # data-parallel: every GPU process of a multi-GPU run trains
         # The merged weights depend on the adapter (train) and merge.dtype only.
         Stage("merge", _lazy("merge"), config_keys=("merge",), ignore=OPERATIONAL_MERGE_KEYS, needs=("train",),
