@@ -238,7 +238,7 @@ def test_export_stage_end_to_end(trained_run, tmp_path):  # noqa: F811
     assert "### Input:\n{{ .Prompt }}\n\n### Response:\n\"\"\"" in modelfile
 
     # `job export` alone on the finished run: done already; the plan says so.
-    again = run_job("export", *[a for kv in trained_run.args(root)[3:] for a in [kv]], env=env)
+    again = run_job("export", *trained_run.args(root, *EXPORT_SETS)[3:], env=env)
     assert again.returncode == 0 and "done already" in again.stderr, again.stderr
 
 
