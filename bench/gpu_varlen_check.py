@@ -7,7 +7,8 @@
     documents included) through job/attention.py's varlen against every document run alone with sdpa.
     The bf16 noise floor is the job's previous path, the same packed row through sdpa with its dense
     document mask, compared with the same per-document reference: varlen passes when its differences
-    are at most twice that floor (or under 1e-2 relative).
+    are at most twice that floor or under 2e-2 relative (bf16 keeps 8 bits: about 4e-3 per rounding,
+    and eight layers add up).
 (b) the loss curve of --steps steps of the 7B shape (NF4 base) through the job's train path
     (bench/train_throughput.py's job recipe: load_base_model, plan_batch's settings fixed to 2048 x 4
     without checkpointing so both see the same batches), varlen vs sdpa, same seed and data; a second
@@ -144,7 +145,7 @@ def part_a(total_tokens: int) -> dict:
         floor = entry["sdpa packed, dense mask (noise floor)"]
         for label in ("varlen (collator boundaries)", "varlen (position ids)"):
             e = entry[label]
-            e["pass"] = all(e[k] <= max(2 * floor[k], 1e-2) for k in ("logits_rel", "grads_rel"))
+            e["pass"] = all(e[k] <= max(2 * floor[k], 2e-2) for k in ("logits_rel", "grads_rel"))
         results["models"][f"hidden 1024, 8 layers, 16 heads, {kv_heads} KV heads"] = entry
         del model
         torch.cuda.empty_cache()

@@ -122,11 +122,12 @@ def reference_varlen(q, k, v, cu_seqlens, scaling, window, groups):
         qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (heads, len, dim)
         if groups > 1:
             kd, vd = (x.repeat_interleave(groups, dim=0) for x in (kd, vd))
-        length = end - start
-        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        if window[0] >= 0:
-            mask = mask.triu(-window[0])
-        o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
+        if window[0] < 0:  # plain causal: the very call sdpa makes for one unpadded example
+            o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scaling)
+        else:
+            length = end - start
+            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril().triu(-window[0])
+            o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
         out[start:end] = o.transpose(0, 1)
     return out
 
