@@ -112,7 +112,7 @@ def inspect_model(model_dir: Path) -> ModelPlan:
         import gguf  # noqa: F401
     except ImportError:
         raise ExportRefused("export: the `gguf` package is not installed; pip install gguf (pure Python, "
-                            "part of the quickstart extra)") from None
+                            "a dependency of the job)") from None
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     try:

