@@ -83,9 +83,7 @@ def cli(verbose):
     """
     from job.logs import add_secret_filter, setup_logging
 
-    # `job config` and `job plan` load no model: skip importing transformers to route its logs
-    setup_logging(logging.DEBUG if verbose else logging.INFO,
-                  libraries=click.get_current_context().invoked_subcommand not in ("config", "plan"))
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
     add_secret_filter(None)  # the environment's credentials, until the config's own secrets are known
 
 

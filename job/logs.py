@@ -21,8 +21,9 @@ from job.errors import ConfigError
 
 LOG_FORMAT_ENV = "JOB_LOG_FORMAT"
 LOG_FORMATS = ("text", "json")
-# Libraries that give their loggers a handler of their own (writing straight to stderr, past our
-# format and our secret filter): their records are sent to the root handler instead.
+# Libraries that give their loggers a handler of their own when imported (writing straight to stderr,
+# past our format and our secret filter; transformers also stops propagation): their records go to
+# the root handler instead (LibraryLogger).
 LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "trl", "peft", "accelerate", "bitsandbytes")
 
 _format = "text"  # set by setup_logging
@@ -96,14 +97,13 @@ def progress_bars() -> bool:
     return _format == "text" and sys.stderr.isatty()
 
 
-def setup_logging(level=logging.INFO, libraries: bool = True, environ=os.environ) -> None:
+def setup_logging(level=logging.INFO, environ=os.environ) -> None:
     """Configure the root handler on stderr in the JOB_LOG_FORMAT format.
 
     Warnings (DeprecationWarning, FutureWarning, ...) are logged through the `py.warnings` logger
     (log_warning),
-    so they get a timestamp, a level and the secret filter, and are JSON lines in json mode.
-    `libraries`: also take over the handlers of transformers & co. (importing transformers costs
-    about a second, so the commands that never load a model skip it)."""
+    so they get a timestamp, a level and the secret filter, and are JSON lines in json mode; so do
+    the records of transformers & co. (LibraryLogger)."""
     global _format
     fmt, problem = "text", None
     try:
@@ -126,8 +126,7 @@ def setup_logging(level=logging.INFO, libraries: bool = True, environ=os.environ
         # datasets (map, packing) when they are imported, which happens after this.
         for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(name, "1")
-    if libraries:
-        adopt_library_loggers()
+    adopt_library_loggers()
 
 
 def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -137,22 +136,40 @@ def log_warning(message, category, filename, lineno, file=None, line=None) -> No
     logging.getLogger("py.warnings").warning("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
 
 
+class LibraryLogger(logging.Logger):
+    """The top logger of a library (transformers, datasets, ...): its records always propagate to
+    the root handler, and the stderr handler the library adds to it on import is not attached.
+    Installed before the library is imported, so no import of transformers (a second) is needed
+    for commands that never load it."""
+
+    def addHandler(self, hdlr: logging.Handler) -> None:  # noqa: N802 - logging's name
+        pass
+
+    @property
+    def propagate(self) -> bool:
+        return True
+
+    @propagate.setter
+    def propagate(self, value: bool) -> None:
+        pass  # transformers sets False (it prints with its own handler, which is not attached)
+
+
 def adopt_library_loggers() -> None:
-    """Send the records of transformers, datasets & co. through the root handler (our format and
-    the secret filter) instead of the stderr handlers they install on their own loggers. Call it
-    again after importing such a library (datasets installs its handler on import)."""
-    try:
-        import transformers.utils.logging as transformers_logging
-    except ImportError:
-        transformers_logging = None
-    if transformers_logging is not None:
-        transformers_logging.disable_default_handler()
-        transformers_logging.enable_propagation()
-    root_handlers = logging.getLogger().handlers
+    """Make each library's top logger a LibraryLogger; one that exists already (the library was
+    imported first) loses its own handlers and propagates."""
+    manager = logging.Logger.manager
     for name in LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [h for h in logger.handlers if h in root_handlers]
-        logger.propagate = True
+        existing = manager.loggerDict.get(name)
+        if isinstance(existing, logging.Logger):
+            existing.handlers[:] = []
+            existing.propagate = True
+            continue
+        previous = manager.loggerClass
+        manager.setLoggerClass(LibraryLogger)
+        try:
+            logging.getLogger(name)  # also adopts children created earlier (a PlaceHolder is fixed up)
+        finally:
+            manager.loggerClass = previous  # None by default: logging.getLoggerClass()
 
 
 def add_secret_filter(cfg: Config | None, environ=os.environ) -> None:

@@ -299,10 +299,8 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from job.logs import adopt_library_loggers, progress_bars
+    from job.logs import progress_bars
     from job.progress import use_progress_log
-
-    adopt_library_loggers()  # trl imported datasets, which installs its own stderr handler
 
     t = cfg.train
     on_cuda = torch.cuda.is_available()
