@@ -169,3 +169,20 @@ def test_a_moved_branch_makes_the_stage_stale_in_plan_and_run(tmp_path):
         assert run_job("plan", *pinned, env=env).stdout.startswith("format    done")
     finally:
         fake.stop()
+
+
+def test_predict_with_an_adapter_from_the_hub(hub, tiny_model_dir, tmp_path):  # noqa: F811
+    """--adapter hf://ORG/NAME: a PEFT adapter repo (adapter_config.json + adapter_model.safetensors)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    hub.add_repo("models", "org/tiny-adapter", {"main": folder_files(tmp_path / "adapter")})
+    result = predict("hf://org/tiny@v1", hub_env(hub, tmp_path / "cache"), "--adapter", "hf://org/tiny-adapter")
+    assert result.returncode == 0, result.stderr
+    assert "+ adapter hf://org/tiny-adapter" in result.stderr
+    assert read_jsonl(result.stdout)[0]["input"] == "A man is sleeping."
+    not_adapter = predict("hf://org/tiny@v1", hub_env(hub, tmp_path / "cache"), "--adapter", "hf://org/tiny")
+    assert not_adapter.returncode == 2 and "not a PEFT adapter repo" in not_adapter.stderr
