@@ -127,7 +127,23 @@ BAD = [
 
 
 @pytest.mark.parametrize("name, data, extra, expected", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_in_each_format_exits_2(tmp_path, name, data, extra, expected):
+def test_bad_input_in_each_format_is_named(tmp_path, name, data, extra, expected):
+    """In-process (the reader the format stage calls); the CLI's exit code and marker are checked below."""
+    from job.config import load_config
+    from job.errors import InputError
+    from job.readers import read_rows
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    cfg = load_config(None, (f"run_uri={tmp_path / 'run'}", f"data.uri={path}", "model.uri=/m", *extra), environ={})
+    with pytest.raises(InputError) as failure:
+        read_rows(cfg, tmp_path, ["gold_label", "sentence1", "sentence2"])
+    assert expected in str(failure.value)
+
+
+@pytest.mark.parametrize("case", [0, 4], ids=["jsonl", "tsv"])
+def test_bad_input_exits_2_without_a_marker(tmp_path, case):
+    name, data, extra, expected = BAD[case]
     path = tmp_path / name
     path.write_bytes(data)
     root = tmp_path / "run"
