@@ -9,6 +9,7 @@ made them repairs the run.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from job.errors import InputError
 from job.storage import Store
@@ -49,3 +50,25 @@ def read_jsonl(store: Store, rel: str, made_by: str, keys: tuple[str, ...] = (),
     if not records and not allow_empty:
         raise _damaged(store, rel, made_by, "no records")
     return records
+
+
+def check_adapter(folder: Path, uri: str) -> None:
+    """A downloaded adapter/ folder is what train saved: a damaged one exits 2 naming the file and the
+    way out, instead of failing deep inside peft."""
+    from job.model import safetensors_problem
+
+    problems = []
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or "peft_type" not in config:
+            problems.append("adapter_config.json is not a PEFT adapter config")
+    except (OSError, ValueError) as exc:
+        problems.append(f"adapter_config.json unreadable ({type(exc).__name__}: {exc})")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        problems.append("adapter_model.safetensors is missing")
+    elif problem := safetensors_problem(weights):
+        problems.append(f"adapter_model.safetensors {problem}")
+    if problems:
+        raise InputError(f"{uri} is damaged: {'; '.join(problems)}. It was changed outside the job: rerun with "
+                         "--force train to train it again (and the stages after it), or restore the files")

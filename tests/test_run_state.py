@@ -237,3 +237,13 @@ def test_truncated_gguf_exits_2_naming_it(tiny_model_dir, tmp_path):  # noqa: F8
         result = run_job("run", "--stages", "format,train", *sets(
             f"run_uri={tmp_path / 'run'}", f"data.uri={SNLI_SAMPLE}", f"model.uri=gguf:{gguf}", *TRAIN_SETS), env=env)
         assert_clean_failure(result, 2, str(gguf), "copy it again")
+
+
+def test_damaged_adapter_exits_2_at_merge_naming_it(trained):
+    run, args, env = trained
+    (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LO')  # cut off
+    merge = ["run", "--stages", "merge"] + args[3:]
+    before = listing(str(run), None)
+    result = run_job(*merge, env=env)
+    assert_clean_failure(result, 2, f"{run}/adapter is damaged", "adapter_config.json", "--force train")
+    assert listing(str(run), None) == before

@@ -20,7 +20,7 @@ from job.config import Config, section_digest
 from job.errors import ConfigError, InputError
 from job.model import fetch_model
 from job.predict import generate, inference_dtype, load_inference_tokenizer, load_model
-from job.run_files import read_json_object, read_jsonl
+from job.run_files import check_adapter, read_json_object, read_jsonl
 from job.report import export_summary, merge_summary, parse_all, plot_loss, prediction_rows, render_markdown, score, train_summary
 from job.stages import storage_options
 from job.storage import redact_uri
@@ -62,6 +62,7 @@ def run(cfg: Config, ctx) -> dict:
         adapter = ctx.work_dir / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         ctx.store.download_dir("adapter", adapter)
+        check_adapter(adapter, ctx.store.uri_of("adapter"))
         model = load_model(model_dir, adapter, cfg, dtype)
         tokenizer = load_inference_tokenizer(adapter, "adapter/")
         described = "the base model with adapter/ applied (merge disabled)"

@@ -34,7 +34,7 @@ from pathlib import Path
 from job.config import Config, shard_size_bytes
 from job.errors import JobError
 from job.model import attn_implementation, fetch_model, load_tokenizer
-from job.run_files import read_jsonl
+from job.run_files import check_adapter, read_jsonl
 from job.stages import storage_options
 
 ADAPTER = "adapter"
@@ -66,6 +66,7 @@ def run(cfg: Config, ctx) -> dict:
     adapter_dir = ctx.work_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     ctx.store.download_dir(ADAPTER, adapter_dir)
+    check_adapter(adapter_dir, ctx.store.uri_of(ADAPTER))
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir,
                                cfg.model.uri)
 
