@@ -63,6 +63,10 @@ def test_train_to_completion(run_setup, reference_losses):
     assert m["steps"] == MAX_STEPS and m["resumed_from_step"] is None
     assert m["tokens_seen"] > 0 and m["tokens_per_s"] > 0
     assert m["label_check"]["examples"] > 0 and m["label_check"]["packed"] is True
+    # the kernels chosen and why: on the CPU, sdpa and no Liger (varlen and Liger need CUDA)
+    assert m["attention"] == {"implementation": "sdpa", "reason": "auto: sdpa, because no CUDA device "
+                              "(varlen_attn runs on NVIDIA GPUs only)"}
+    assert m["liger"]["used"] is False and "no CUDA device" in m["liger"]["reason"]
     assert [e["step"] for e in m["loss_curve"]] == list(range(1, MAX_STEPS + 1))
     assert m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
