@@ -37,7 +37,6 @@ MODEL_IGNORE = ["original/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "*.msgpack", "
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _URI = re.compile(rf"hf://(?P<datasets>datasets/)?(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^@\s]+))?/?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.5, 8.0  # the storage layer's schedule (job/storage.py)
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,11 @@ def download(ref: HubRef, cache_root: Path, *, allow_patterns: list[str], ignore
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
+    from job.storage import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS  # the storage layer's backoff schedule
+
     _quiet_progress_bars()
     cache = hub_cache(cache_root)
+    jitter = random.Random()  # not the global generator, whose state training checkpoints
     for attempt in range(1, max_attempts + 1):
         try:
             folder = snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision,
@@ -112,7 +114,7 @@ def download(ref: HubRef, cache_root: Path, *, allow_patterns: list[str], ignore
         except (httpx2.TransportError, OSError) as exc:  # refused, reset, timed out, a cut body
             problem = exc
         if attempt < max_attempts:
-            delay = random.random() * min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), RETRY_MAX_SECONDS)
+            delay = jitter.random() * min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), RETRY_MAX_SECONDS)
             log.warning("%s %s: the hub failed (%s); attempt %d of %d again in %.1f s", key, ref.uri,
                         _first_line(problem), attempt + 1, max_attempts, delay)
             time.sleep(delay)
