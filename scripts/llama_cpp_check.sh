@@ -1,42 +1,35 @@
 #!/usr/bin/env bash
-# Outside CI (slow): load the quickstart's GGUF export in llama.cpp and compare greedy answers with
-# transformers on merged/. llama-cpp-python builds llama.cpp from source: about 25 minutes on 2 cores.
-#   bash scripts/llama_cpp_check.sh RUN_DIR [N_SENTENCES=5]   # RUN_DIR: a finished run with export.enabled=true
-# Writes RUN_DIR/../llama_cpp_check.json and prints it; exit 1 when an answer differs.
+# Outside CI: load a run's GGUF export in llama.cpp and compare greedy answers with transformers on merged/.
+#
+#   scripts/llama_cpp_check.sh RUN_DIR [N_PROMPTS=10]    # from the repository root, the project's venv active
+#
+# RUN_DIR: a finished local run with export.enabled=true (merged/, export/*.gguf, data/eval.jsonl), e.g.
+#   job run --config examples/quickstart.yaml --set export.enabled=true --set export.gguf=[f16,bf16,q8_0] \
+#           --set run_uri=/tmp/qs-export
+# llama.cpp comes from the PyPI wheel llama-cpp-py-sync (prebuilt libllama + CFFI bindings, 5.5 MB, no
+# compiler, no build), installed into its own virtualenv (LLAMA_VENV, default ~/.cache/qlora-job/llama-cpp-venv),
+# never into the project's. LLAMA_WHEEL=path/to.whl installs that file instead of asking PyPI.
+# (llama-cpp-python works too but builds llama.cpp from source, about 25 minutes on 2 cores.)
+# The wheel's libllama needs glibc >= 2.38 (Ubuntu 24.04, Debian 13; its only 2.38 symbols are C23's
+# __isoc23_strtol family). On an older system set LLAMA_GLIBC to a newer glibc's library folder, e.g.
+# Debian 13's libc6 unpacked with `apt-get download libc6/trixie && dpkg -x libc6_*.deb glibc`
+# (LLAMA_GLIBC=$PWD/glibc/usr/lib/x86_64-linux-gnu): the llama.cpp half then runs under that loader.
+# Writes RUN_DIR/llama_cpp_reference.json (transformers) and RUN_DIR/llama_cpp_check.json (the comparison)
+# and prints one line per file. Exit 1 when llama.cpp tokenizes a prompt differently from transformers.
 set -euo pipefail
-run=${1:?RUN_DIR}; n=${2:-5}
-python -c "import llama_cpp" 2>/dev/null || pip install llama-cpp-python
-python - "$run" "$n" <<'PY'
-import csv, json, sys
-from pathlib import Path
-
-import torch
-from llama_cpp import Llama
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from job.config import PromptConfig
-from job.prompts import build_prompt
-
-run, n = Path(sys.argv[1]), int(sys.argv[2])
-cfg = PromptConfig()  # the quickstart uses the default prompt
-rows = list(csv.DictReader(open("tests/data/snli_sample.csv", encoding="utf-8")))[:n]
-tok = AutoTokenizer.from_pretrained(run / "merged")
-model = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
-results = []
-for gguf in sorted((run / "export").glob("*.gguf")):
-    llm = Llama(model_path=str(gguf), n_ctx=1024, verbose=False)
-    for row in rows:
-        prompt = build_prompt(row["sentence1"], cfg)
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tok.eos_token_id)
-        hf = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        llama_ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        answer = llm(prompt, max_tokens=64, temperature=0.0, top_k=1)["choices"][0]
-        results.append({"file": gguf.name, "input": row["sentence1"], "transformers": hf, "llama_cpp": answer["text"],
-                        "finish": answer["finish_reason"], "same_answer": hf.strip() == answer["text"].strip(),
-                        "same_prompt_tokens": llama_ids == ids[0].tolist()})
-report = {"same_answers": sum(r["same_answer"] for r in results), "answers": len(results), "results": results}
-(run.parent / "llama_cpp_check.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-print(json.dumps(report, indent=2, ensure_ascii=False))
-sys.exit(0 if report["same_answers"] == report["answers"] else 1)
-PY
+cd "$(dirname "$0")/.."
+run=${1:?RUN_DIR}; n=${2:-10}
+version=0.11739   # the wheel this check was run with (docs/gguf-llamacpp-check.md)
+venv=${LLAMA_VENV:-$HOME/.cache/qlora-job/llama-cpp-venv}
+if ! "$venv/bin/python" -c "import llama_cpp_py_sync" 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --only-binary=:all: "${LLAMA_WHEEL:-llama-cpp-py-sync==$version}"
+fi
+ls "$run"/export/*.gguf >/dev/null
+python scripts/llama_cpp_check.py reference "$run" "$run/llama_cpp_reference.json" -n "$n"
+loader=()
+if [[ -n ${LLAMA_GLIBC:-} ]]; then
+    loader=("$LLAMA_GLIBC/ld-linux-x86-64.so.2" --library-path "$LLAMA_GLIBC:/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu")
+fi
+"${loader[@]}" "$venv/bin/python" scripts/llama_cpp_check.py llama "$run/llama_cpp_reference.json" "$run/llama_cpp_check.json" \
+    --threads "$(nproc)"
