@@ -13,6 +13,7 @@ whole process, not only the model it is applied to: compare with and without it 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from job.config import Config
@@ -39,6 +40,9 @@ def unavailable_reason(model_dir: Path) -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA device (Liger's Triton kernels run on GPUs)"
+    # liger-kernel 0.8.5 logs a WARNING for each optional backend it cannot import (CuTe DSL, Ascend NPU)
+    # on every run; neither is used on NVIDIA GPUs with Triton, so only its errors are worth a log line.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as exc:
