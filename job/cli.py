@@ -217,10 +217,15 @@ def _main(argv) -> int:
                    err=True)
         return 130
     except click.ClickException as exc:
-        from job.logs import mask_usage_error
+        from job.logs import json_lines, mask_usage_error, setup_logging
 
         exc.message = mask_usage_error(exc.message, list(sys.argv[1:] if argv is None else argv))
-        exc.show()
+        if json_lines():  # a log pipeline gets one JSON object, not click's usage text
+            if not logging.getLogger().handlers:  # the error came before the group set logging up
+                setup_logging()
+            log.error("usage error: %s", exc.format_message())
+        else:
+            exc.show()
         return 2  # usage errors are bad input too
     except JobError as exc:
         log.error("%s", exc)

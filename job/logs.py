@@ -97,6 +97,12 @@ def progress_bars() -> bool:
     return _format == "text" and sys.stderr.isatty()
 
 
+def json_lines(environ=os.environ) -> bool:
+    """Whether a message printed outside logging (click's usage errors) must be a JSON line too: the
+    JSON format is in force, or asked for, when the error came before the group set logging up."""
+    return _format == "json" or environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json"
+
+
 def setup_logging(level=logging.INFO, environ=os.environ) -> None:
     """Configure the root handler on stderr in the JOB_LOG_FORMAT format.
 

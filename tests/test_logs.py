@@ -107,6 +107,18 @@ def test_unknown_log_format_exits_2_naming_the_variable():
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+@pytest.mark.parametrize("args", [("run", "--bogus"), ("run", "--stages", "nope"), ("nosuchcmd",)],
+                         ids=["unknown-option", "bad-stage", "unknown-command"])
+def test_json_usage_errors_are_json_lines(args):
+    """click prints usage errors itself; in JSON mode they are one JSON object like every other line,
+    also when the error comes before the command group set logging up (an unknown command)."""
+    result = run_job(*args, env=job_env(JOB_LOG_FORMAT="json"))
+    assert result.returncode == 2
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0]["level"] == "ERROR" and "usage error" in lines[0]["message"]
+    assert args[-1] in lines[0]["message"]
+
+
 def test_progress_line_after_a_restart_and_without_numbers():
     """The wording a resumed run shows before its first new upload, and a line missing optional numbers."""
     from job.progress import duration, progress_text
