@@ -28,7 +28,7 @@ FORMATS = ("csv", "tsv", "jsonl", "parquet")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
               ".parquet": "parquet", ".pq": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-MAX_FIELD_CHARS = 20_000  # as format.MAX_FIELD_CHARS: a field this long is a broken file, not a sentence
+MAX_FIELD_CHARS = 20_000  # a field this long is a broken file (an unclosed quote swallowing the rest), not a sentence
 
 
 def detect(uri: str, override: str = "auto") -> tuple[str, str | None]:
@@ -61,8 +61,6 @@ def read_rows(cfg: Config, work_dir: Path, columns: list[str]) -> pd.DataFrame:
     fmt, compression = detect(uri, cfg.data.format)
     from job.stages import format as fmt_stage
 
-    if fmt == "csv" and compression is None:  # the CSV path as it always was
-        return fmt_stage.read_csv(fmt_stage.fetch_csv(cfg, work_dir), uri, columns)
     path = fetch_file(cfg, work_dir)
     if compression is not None:
         path = decompress(path, compression, uri, work_dir / ("input.decompressed." + fmt))
@@ -87,7 +85,7 @@ def fetch_file(cfg: Config, work_dir: Path) -> Path:
             raise InputError(f"data.uri: no such file: {uri}")
         return path
     parent, name = split_uri(uri)
-    local = work_dir / ("input" + "".join(re.findall(r"\.[A-Za-z0-9]+$", name)) or "input")
+    local = work_dir / ("input" + "".join(re.findall(r"\.[A-Za-z0-9]+$", name)))  # input.csv, input.parquet
     open_store(parent, **storage_options(cfg)).download_file(name, local)
     return local
 
@@ -234,12 +232,17 @@ def to_text_frame(table: pa.Table, name: str, columns: list[str]) -> pd.DataFram
             raise InputError(f"{name}: column {c} holds {kind} values, expected text or numbers")
         out[c] = column.fill_null("")
     frame = pa.table(out).to_pandas()[columns]
+    check_field_lengths(frame, name, columns)
+    return frame
+
+
+def check_field_lengths(frame: pd.DataFrame, name: str, columns: list[str], hint: str = "") -> None:
+    """No field over MAX_FIELD_CHARS: one that long is a broken file, not a sentence."""
     lengths = np.stack([frame[c].str.len().to_numpy() for c in columns], axis=1)
     if lengths.max() > MAX_FIELD_CHARS:
         row, col = divmod(int(lengths.argmax()), len(columns))
         raise InputError(f"{name}: row {row + 1}, column {columns[col]}: a field of {int(lengths.max()):,} "
-                         f"characters (limit {MAX_FIELD_CHARS:,})")
-    return frame
+                         f"characters (limit {MAX_FIELD_CHARS:,}){hint}")
 
 
 def _text_bytes(path: Path, name: str) -> bytes:

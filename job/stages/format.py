@@ -13,7 +13,6 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -22,17 +21,12 @@ from job.config import Config
 from job.errors import InputError
 from job.pipeline import Context
 from job.prompts import RESPONSE_END, build_prompt
-from job.storage import is_s3, open_store, split_uri
-from job.stages import storage_options
+from job.readers import check_field_lengths, read_rows  # every format; plain CSV comes back to read_csv
 
 TRAIN, EVAL, STATS = "data/train.jsonl", "data/eval.jsonl", "data/stats.json"
-# A field this long is a broken file (an unclosed quote swallowing the rest), not a sentence.
-MAX_FIELD_CHARS = 20_000
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    from job.readers import read_rows  # every format (job/readers.py); plain CSV goes to read_csv below
-
     name = cfg.data.uri
     frame = read_rows(cfg, ctx.work_dir, [cfg.data.label_column, cfg.data.source_column, cfg.data.target_column]
                       if cfg.data.label is not None else [cfg.data.source_column, cfg.data.target_column])
@@ -47,19 +41,6 @@ def run(cfg: Config, ctx: Context) -> dict:
     ctx.log.info("format: %d rows read, %d kept (%d train, %d eval); dropped %s",
                  stats["rows_read"], stats["rows_kept"], len(train), len(evaluation), stats["dropped"])
     return stats
-
-
-def fetch_csv(cfg: Config, work_dir: Path) -> Path:
-    """A local path to the CSV: the file itself, or a verified download of the s3:// object."""
-    if not is_s3(cfg.data.uri):
-        path = Path(cfg.data.uri.removeprefix("file://")).expanduser()
-        if not path.is_file():
-            raise InputError(f"data.uri: no such file: {cfg.data.uri}")
-        return path
-    parent, name = split_uri(cfg.data.uri)
-    local = work_dir / "input.csv"
-    open_store(parent, **storage_options(cfg)).download_file(name, local)
-    return local
 
 
 def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
@@ -120,11 +101,7 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
     if table.num_rows == 0:
         raise InputError(f"{name}: has a header but no data rows")
     frame = table.to_pandas()[columns]
-    lengths = np.stack([frame[c].str.len().to_numpy() for c in columns], axis=1)
-    if lengths.max() > MAX_FIELD_CHARS:
-        row, col = divmod(int(lengths.argmax()), len(columns))
-        raise InputError(f"{name}: row {row + 1}, column {columns[col]}: a field of {int(lengths.max()):,} "
-                         f"characters (limit {MAX_FIELD_CHARS:,}); usually an unclosed quote")
+    check_field_lengths(frame, name, columns, hint="; usually an unclosed quote")
     return frame
 
 
