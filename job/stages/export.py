@@ -115,6 +115,7 @@ def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from job.export_gguf import head_dim, rope_settings
+    from job.gguf_parse_once import parse_once
     from job.stages.merge import logits_of
 
     extra = {}
@@ -127,13 +128,14 @@ def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, m
     if head_dim(cfg) != cfg["hidden_size"] // cfg["num_attention_heads"]:
         # The file says it (attention.key_length, which llama.cpp reads); transformers' qwen3 reader skips it.
         extra["head_dim"] = head_dim(cfg)
-    g_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with parse_once():  # transformers would parse the file's metadata four times (job/gguf_parse_once.py)
+        g_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in examples]
     same_tokens = all(g_tok(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
                       for t in texts)
     same_bos = g_tok("a")["input_ids"] == tokenizer("a")["input_ids"]
     same_template = (getattr(g_tok, "chat_template", None) or None) == (getattr(tokenizer, "chat_template", None) or None)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
     logits = logits_of(model, examples)
     del model
     gc.collect()
