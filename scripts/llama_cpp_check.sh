@@ -12,7 +12,7 @@
 # (llama-cpp-python works too but builds llama.cpp from source, about 25 minutes on 2 cores.)
 # The wheel's libllama needs glibc >= 2.38 (Ubuntu 24.04, Debian 13; its only 2.38 symbols are C23's
 # __isoc23_strtol family). On an older system set LLAMA_GLIBC to a newer glibc's library folder, e.g.
-# Debian 13's libc6 unpacked with `apt-get download libc6/trixie && dpkg -x libc6_*.deb glibc`
+# Debian 13's libc6 (`apt-get download libc6` with a trixie source list, then `dpkg -x libc6_*.deb glibc`)
 # (LLAMA_GLIBC=$PWD/glibc/usr/lib/x86_64-linux-gnu): the llama.cpp half then runs under that loader.
 # Writes RUN_DIR/llama_cpp_reference.json (transformers) and RUN_DIR/llama_cpp_check.json (the comparison)
 # and prints one line per file. Exit 1 when llama.cpp tokenizes a prompt differently from transformers.
