@@ -182,6 +182,32 @@ def test_fast_conversions_match_gguf_quants():
         assert np.allclose(gguf.quants.dequantize(ours, qtype).reshape(w.shape), w.numpy(), atol=step), name
 
 
+def test_parse_once_reuses_a_reader_per_file_version(tmp_path):
+    """Inside parse_once, the same unchanged file gives the same parsed reader (transformers asks 4 times);
+    a rewritten file is parsed again; outside it, gguf is untouched."""
+    from job.gguf_parse_once import parse_once
+
+    def write(path, value):  # the value's length changes the file's size: seen as another version
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_string("test.value", value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+
+    path = tmp_path / "a.gguf"
+    write(path, "one")
+    real = gguf.GGUFReader
+    with parse_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first
+        assert first.fields["test.value"].contents() == "one"
+        write(path, "twenty-two")
+        again = gguf.GGUFReader(path)
+        assert again is not first and again.fields["test.value"].contents() == "twenty-two"
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is real and gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
 def test_unsupported_arch_refused_before_writing(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
