@@ -73,15 +73,31 @@ def _greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int],
     return answer, margins
 
 
+def _keep_warnings(ffi, lib, into: list):
+    """llama.cpp logs every tensor it loads to stderr; keep its warnings and errors only, to report them."""
+
+    @ffi.callback("void(enum ggml_log_level, const char *, void *)")
+    def log(level, text, _user_data):
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            message = ffi.string(text).decode("utf-8", errors="replace").rstrip()
+            into.append(message)
+            print(f"llama.cpp: {message}", file=sys.stderr)
+
+    lib.llama_log_set(log, ffi.NULL)
+    return log  # the caller keeps it alive: llama.cpp holds a pointer to it
+
+
 def llama(ref_path: Path, out: Path, threads: int) -> int:
     import llama_cpp_py_sync
     from llama_cpp_py_sync import Llama
     from llama_cpp_py_sync import _version
+    from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
 
     ref = json.loads(ref_path.read_text(encoding="utf-8"))
     files = []
     for gguf in ref["ggufs"]:
-        results = []
+        results, warnings = [], []
+        keep = _keep_warnings(get_ffi(), get_lib(), warnings)  # noqa: F841 - must outlive the model
         with Llama(gguf, n_ctx=1024, n_batch=512, n_threads=threads, verbose=False, seed=0) as llm:
             eos = llm.eos_token
             for p in ref["prompts"]:
@@ -106,7 +122,7 @@ def llama(ref_path: Path, out: Path, threads: int) -> int:
         files.append({"file": Path(gguf).name, "same_answers": sum(r["same_answer"] for r in results),
                       "same_prompt_tokens": sum(r["same_prompt_tokens"] for r in results),
                       "stopped_at_eos": sum(r["stopped_at_eos"] for r in results), "prompts": len(results),
-                      "results": results})
+                      "llama_cpp_warnings": warnings, "results": results})
     report = {"versions": {**ref["versions"], "llama-cpp-py-sync": llama_cpp_py_sync.__version__,
                            "llama.cpp": f"{_version.__llama_cpp_tag__} ({_version.__llama_cpp_commit__})"},
               "transformers_stopped_at_eos": sum(p["stopped_at_eos"] for p in ref["prompts"]),
@@ -114,7 +130,8 @@ def llama(ref_path: Path, out: Path, threads: int) -> int:
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for f in files:
         print(f"{f['file']}: same answer {f['same_answers']}/{f['prompts']}, same prompt tokens "
-              f"{f['same_prompt_tokens']}/{f['prompts']}, stopped at EOS {f['stopped_at_eos']}/{f['prompts']}")
+              f"{f['same_prompt_tokens']}/{f['prompts']}, stopped at EOS {f['stopped_at_eos']}/{f['prompts']}, "
+              f"llama.cpp warnings {len(f['llama_cpp_warnings'])}")
     return 0 if all(f["same_prompt_tokens"] == f["prompts"] for f in files) else 1
 
 
