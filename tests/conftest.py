@@ -5,4 +5,4 @@ from tests.s3server import (fake_aws_env, make_bucket, moto_server, s3_bucket, s
                             store_root)
 # Session fixtures shared by several modules live here: imported into each test module instead, pytest
 # would build them once per module.
-from tests.model_fixtures import smollm2_conversion  # noqa: F401
+from tests.model_fixtures import run_setup, smollm2_conversion, tiny_model_dir  # noqa: F401

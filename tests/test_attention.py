@@ -13,7 +13,6 @@ import torch
 
 from job.attention import choose_training_attention, document_boundaries, register
 from tests.helpers import SNLI_SAMPLE, job_env, run_job
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 
 def boundaries(position_ids):

@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.helpers import SNLI_SAMPLE, job_env, read_run_file, run_file_exists, run_job, s3_client
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 # Small and quick: 4 steps, a checkpoint every 2 (checkpoint-2 and checkpoint-4 stay in storage).
 TRAIN_SETS = ("data.eval_size=8", "data.max_rows=100", "train.load_in_4bit=false", "train.max_steps=4",

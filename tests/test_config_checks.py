@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, SNLI_SAMPLE, job_env, run_job, s3_client
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 REQUIRED = ("--set", "run_uri=/tmp/qlora-config-checks/run", "--set", "data.uri=/tmp/x.csv",
             "--set", "model.uri=/tmp/model")

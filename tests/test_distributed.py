@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, SNLI_SAMPLE, job_env, put_file, read_run_file, s3_client
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 from tests.s3server import make_bucket
 
 MAX_STEPS = 36

@@ -27,7 +27,6 @@ import pytest
 
 from tests.faultproxy import FaultProxy
 from tests.helpers import SNLI_SAMPLE, job_env, run_job
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 from tests.s3server import make_bucket
 
 RUN = "run"  # every run writes to s3://<its own bucket>/run

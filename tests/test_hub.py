@@ -14,7 +14,6 @@ import pytest
 
 from tests.fakehub import FakeHub, folder_files
 from tests.helpers import job_env, read_jsonl, run_job
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 TOKEN = "hf_FakeHubTokenForTestsOnly0123456789"
 LOADING_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}

@@ -32,7 +32,6 @@ from tests.helpers import ROOT, job_env
 from tests.s3server import make_bucket
 from tests.test_faults import (RUN, comparable, fault_proxy, inputs, job_args, proxy,  # noqa: F401 - fixtures
                                reference_run, small_model_dir, snapshot)
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 MB = 1024 * 1024
 

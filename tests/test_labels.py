@@ -14,7 +14,6 @@ from job.stages.labels import LabelCheckError, check_labels, tokenize_examples
 from job.stages.train import build_trainer, load_base_model
 from job.storage import open_store
 from tests.helpers import SNLI_SAMPLE, read_jsonl
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 
 def snli_records(cfg):

@@ -30,7 +30,6 @@ from job.lease import LEASE, Lease
 from job.storage import open_store
 from tests.helpers import ROOT, SNLI_SAMPLE, job_env, put_file, read_run_file, run_file_exists, run_job, s3_client
 from tests.s3server import backend_root
-from tests.model_fixtures import run_setup, tiny_model_dir  # noqa: F401 - fixtures
 
 LEASE_SECONDS = 3  # the minimum: renewed every second, so a second holder learns within about a second
 # Jobs train on a shared CPU: a longer lease gives their renewal thread slack against a busy machine.

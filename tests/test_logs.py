@@ -9,7 +9,6 @@ import re
 import pytest
 
 from tests.helpers import SNLI_SAMPLE, job_env, run_job
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 STEPS = 3
 # Raised inside peft (PeftModel.__init__ reads model.is_gradient_checkpointing, deprecated by transformers

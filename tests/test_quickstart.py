@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, job_env, read_jsonl, run_job
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 GPU_EXAMPLE = ROOT / "examples" / "snli-gpu.yaml"

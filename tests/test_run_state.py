@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SNLI_SAMPLE, job_env, put_file, run_job, s3_client
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 from tests.test_bad_inputs import TRAIN_SETS, assert_clean_failure
 
 

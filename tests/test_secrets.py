@@ -23,7 +23,6 @@ from urllib.parse import quote
 import pytest
 
 from tests.helpers import ROOT, SNLI_SAMPLE, job_env, put_file, run_job, s3_client
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 ENV_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKELEAKCHECK1234",

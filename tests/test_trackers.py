@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from tests.helpers import ROOT, SNLI_SAMPLE, job_env, run_job
-from tests.model_fixtures import tiny_model_dir  # noqa: F401 - fixture
 
 SMALL = ("data.eval_size=8", "data.max_rows=60", "train.load_in_4bit=false", "train.max_steps=3",
          "train.checkpoint_every_steps=2", "train.logging_steps=1", "train.micro_batch_size=4",

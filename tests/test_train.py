@@ -11,7 +11,6 @@ import time
 import pytest
 
 from tests.helpers import ROOT, SNLI_SAMPLE, job_env, read_run_file, run_file_exists, run_job
-from tests.model_fixtures import run_setup, tiny_model_dir  # noqa: F401 - fixtures
 
 MAX_STEPS = 30
 
