@@ -76,16 +76,17 @@ def download(ref: HubRef, cache_root: Path, *, allow_patterns: list[str], ignore
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    from job.storage import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS  # the storage layer's backoff schedule
+    from job.storage import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, download_space  # the storage layer's backoff
 
     _quiet_progress_bars()
     cache = hub_cache(cache_root)
     jitter = random.Random()  # not the global generator, whose state training checkpoints
     for attempt in range(1, max_attempts + 1):
         try:
-            folder = snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision,
-                                       cache_dir=cache, allow_patterns=allow_patterns,
-                                       ignore_patterns=ignore_patterns)
+            with download_space(cache / ref.repo_id, ref.uri):  # a full cache disk: exit 3 naming it, no retries
+                folder = snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision,
+                                           cache_dir=cache, allow_patterns=allow_patterns,
+                                           ignore_patterns=ignore_patterns)
             return Path(folder)
         except GatedRepoError:  # before RepositoryNotFoundError: it is a subclass
             raise InputError(f"{key} {ref.uri}: the repo is gated and this job has no access. Accept its license "

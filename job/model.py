@@ -59,8 +59,10 @@ def fetch_model(uri: str, cfg: Config, storage_opts: dict) -> Path:
     return target
 
 
-def check_model_folder(path: Path, uri: str) -> None:
-    """Fail early, with what is missing, instead of deep inside from_pretrained."""
+def check_model_folder(path: Path, uri: str, what: str = "model.uri",
+                       remedy: str = "copy the model folder again") -> None:
+    """Fail early, with what is missing, instead of deep inside from_pretrained. `what` names the folder
+    in messages (the key, or the run's merged/), `remedy` says how to get a good one."""
     names = {p.name for p in path.iterdir()}
     problems = []
     if "config.json" not in names:
@@ -70,8 +72,8 @@ def check_model_folder(path: Path, uri: str) -> None:
     if not names.intersection(TOKENIZER_FILES):
         problems.append("a tokenizer (tokenizer.json or tokenizer.model)")
     if problems:
-        raise InputError(f"model.uri {uri}: not a usable Hugging Face model folder, missing {'; '.join(problems)}. "
-                         f"Found: {', '.join(sorted(names)) or 'nothing'}")
+        raise InputError(f"{what} {uri}: not a usable Hugging Face model folder, missing {'; '.join(problems)}. "
+                         f"Found: {', '.join(sorted(names)) or 'nothing'}; {remedy}")
     # A truncated or overwritten weights file would otherwise fail deep inside from_pretrained (exit 1,
     # a traceback): check each file's length against its header, and that the index's shards exist.
     index = path / "model.safetensors.index.json"
@@ -80,16 +82,16 @@ def check_model_folder(path: Path, uri: str) -> None:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(f"model.uri {uri}: model.safetensors.index.json is damaged (no weight_map); "
-                             "copy the model folder again") from None
+            raise InputError(f"{what} {uri}: model.safetensors.index.json is damaged (no weight_map); "
+                             f"{remedy}") from None
     missing = sorted(shards - names)
     if missing:
-        raise InputError(f"model.uri {uri}: model.safetensors.index.json names shards that are not in the "
-                         f"folder: {', '.join(missing)}; copy the model folder again")
+        raise InputError(f"{what} {uri}: model.safetensors.index.json names shards that are not in the "
+                         f"folder: {', '.join(missing)}; {remedy}")
     for weights in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(weights)
         if problem:
-            raise InputError(f"model.uri {uri}: {weights.name} {problem}; copy the model folder again")
+            raise InputError(f"{what} {uri}: {weights.name} {problem}; {remedy}")
 
 
 def safetensors_problem(path: Path) -> str | None:

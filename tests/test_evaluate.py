@@ -10,7 +10,7 @@ from job.config import PromptConfig
 from job.predict import Generation, GenerationStats
 from job.prompts import parse_response
 from job.report import plot_loss, render_markdown, score
-from tests.helpers import job_env, read_jsonl, read_run_file, run_file_exists, run_job
+from tests.helpers import job_env, read_jsonl, read_run_file, run_file_exists, run_job, s3_client
 from tests.test_merge import marker, trained_run  # noqa: F401 - trained_run is a fixture
 
 RATES = ("json_valid_rate", "schema_valid_rate", "original_match_rate", "copy_rate", "eos_stop_rate")
@@ -27,10 +27,24 @@ def test_evaluate_end_to_end(trained_run, store_root, tmp_path):  # noqa: F811
         assert "stage train: done already" in result.stderr  # only merge and evaluate ran
         assert "downloading merged/" not in result.stderr
     else:  # merge and evaluate on two machines (two cache folders): evaluate fetches merged/ from S3
-        for stages, cache in (("merge", "a"), ("evaluate", "b")):
-            result = run_job(*trained_run.args(root, *EVAL_SETTINGS, stages=stages),
-                             env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / cache))
-            assert result.returncode == 0, result.stderr
+        result = run_job(*trained_run.args(root, *EVAL_SETTINGS, stages="merge"),
+                         env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "a"))
+        assert result.returncode == 0, result.stderr
+        # A merged/ damaged in storage after the merge: exit 2 naming it and --force merge, no report.
+        s3, bucket = s3_client(endpoint), root[5:].split("/", 1)[0]
+        shard = next(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
+                     if "/merged/" in o["Key"] and o["Key"].endswith(".safetensors"))
+        good = s3.get_object(Bucket=bucket, Key=shard)["Body"].read()
+        s3.put_object(Bucket=bucket, Key=shard, Body=good[:-100])
+        result = run_job(*trained_run.args(root, *EVAL_SETTINGS, stages="evaluate"),
+                         env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "b0"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "merged/" in result.stderr and "truncated" in result.stderr and "--force merge" in result.stderr
+        assert not run_file_exists(root, endpoint, "_stages/evaluate.json")
+        s3.put_object(Bucket=bucket, Key=shard, Body=good)
+        result = run_job(*trained_run.args(root, *EVAL_SETTINGS, stages="evaluate"),
+                         env=job_env(endpoint, JOB_CACHE_DIR=tmp_path / "b"))
+        assert result.returncode == 0, result.stderr
         assert "downloading merged/" in result.stderr
 
     report = json.loads(read_run_file(root, endpoint, "report/report.json"))

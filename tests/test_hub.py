@@ -14,6 +14,7 @@ import pytest
 
 from tests.fakehub import FakeHub, folder_files
 from tests.helpers import job_env, read_jsonl, run_job
+from tests.test_config_checks import small_cache  # noqa: F401 - fixture (a 512 KiB tmpfs)
 
 TOKEN = "hf_FakeHubTokenForTestsOnly0123456789"
 LOADING_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
@@ -185,3 +186,12 @@ def test_predict_with_an_adapter_from_the_hub(hub, tiny_model_dir, tmp_path):  #
     assert read_jsonl(result.stdout)[0]["input"] == "A man is sleeping."
     not_adapter = predict("hf://org/tiny@v1", hub_env(hub, tmp_path / "cache"), "--adapter", "hf://org/tiny")
     assert not_adapter.returncode == 2 and "not a PEFT adapter repo" in not_adapter.stderr
+
+
+def test_full_cache_disk_during_a_hub_download_exits_3(hub, small_cache):
+    """No retries (more attempts cannot free space): exit 3 naming the cache folder and JOB_CACHE_DIR."""
+    result = predict("hf://org/tiny@v1", hub_env(hub, small_cache))
+    assert result.returncode == 3, result.stderr
+    assert "no space left in" in result.stderr and str(small_cache) in result.stderr, result.stderr
+    assert "JOB_CACHE_DIR" in result.stderr and "Traceback" not in result.stderr
+    assert "attempt 2 of" not in result.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 import job
 from job.config import Config, section_digest
 from job.errors import ConfigError, InputError
-from job.model import fetch_model
+from job.model import check_model_folder, fetch_model
 from job.predict import generate, inference_dtype, load_inference_tokenizer, load_model
 from job.run_files import check_adapter, read_json_object, read_jsonl
 from job.report import export_summary, merge_summary, parse_all, plot_loss, prediction_rows, render_markdown, score, train_summary
@@ -109,8 +109,11 @@ def merged_folder(ctx, merge_marker: dict) -> Path:
         return local / "merged"
     target = ctx.work_dir / "merged"
     shutil.rmtree(target, ignore_errors=True)
-    ctx.log.info("evaluate: downloading merged/ from the run (the merge ran elsewhere or earlier)")
+    ctx.log.info("%s: downloading merged/ from the run (the merge ran elsewhere or earlier)", ctx.log.name.rpartition(".")[2])
     ctx.store.download_dir("merged", target)
+    # A merged/ changed after the merge (a truncated shard, a missing file) ends in exit 2, not a traceback.
+    check_model_folder(target, redact_uri(ctx.store.uri_of("merged")), what="merged/",
+                       remedy="rerun with --force merge to write it again (and redo the stages after it)")
     return target
 
 
