@@ -241,14 +241,17 @@ class _S3Backend(_Backend):
         return exc.response.get("Error", {}).get("Code") in CONDITION_FAILED
 
     def read(self, default_expiry: float) -> Optional[Seen]:
+        def fetch():
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return answer, answer["Body"].read()
+
         with self._errors():
-            try:
-                answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            try:  # a body cut short while streaming is fetched again, as for every other read of the store
+                answer, raw = self.store._retry_transfer(LEASE, fetch)
             except botocore.exceptions.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                     return None
                 raise
-            raw = answer["Body"].read()
         # Age by the server's clock alone (Last-Modified vs the Date of this response), so that the
         # clocks of the machines running jobs never matter. Both have one-second resolution.
         date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")

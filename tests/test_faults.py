@@ -206,3 +206,16 @@ def test_endpoint_refusing_connections_exits_3(inputs, tmp_path):
     print(f"gave up after {time.monotonic() - t0:.1f} s", file=sys.stderr)
     assert result.returncode == 3, result.stderr
     assert "s3://some-bucket/run" in result.stderr and dead in result.stderr
+
+
+def test_lease_reads_cut_short_are_read_again(moto_server, inputs, proxy, tmp_path):
+    """Half of the GETs of _lease.json (acquire, renew, release) arrive cut short: a format-only run still
+    finishes and leaves no lease (its reads were retried like every other download, not given up)."""
+    bucket = make_bucket(moto_server)
+    proxy.set_faults(keys=r"_lease\.json$", truncate=0.5)
+    result = run_job(*job_args(bucket, inputs), "--stages", "format",
+                     env=job_env(proxy.url, JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "_lease.json" not in snapshot(moto_server, bucket)
+    cut = [r for r in proxy.records if r.method == "GET" and r.key.endswith("_lease.json") and r.outcome == "truncate"]
+    assert cut, "no lease read was cut short"
