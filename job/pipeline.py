@@ -33,8 +33,9 @@ import job
 from job import distributed
 from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, Ranks
-from job.errors import ConfigError, InputError, JobError, MainProcessFailed, Preempted, StaleStageError
+from job.errors import ConfigError, JobError, MainProcessFailed, Preempted, StaleStageError
 from job.input_identity import describe
+from job.run_files import read_json_object
 from job.stage_store import StageStore
 from job.storage import Store
 
@@ -137,16 +138,8 @@ class Pipeline:
         path = f"{MARKERS}/{name}{suffix}.json"
         if not self.store.exists(path):
             return None
-        try:
-            record = json.loads(self.store.read_text(path))
-            if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
-                raise ValueError("not a marker record")
-            return record
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise InputError(
-                f"{self.store.uri_of(path)} is damaged ({exc}); markers are written in one piece, so it was "
-                f"changed outside the job. Rerun with --force {name} to redo the stage (and the stages after "
-                "it), or restore the file") from None
+        return read_json_object(self.store, path, name, text_keys=("fingerprint",),
+                                remedy="to redo the stage (and the stages after it)")
 
     def _write_marker(self, name: str, record: dict, suffix: str = "") -> None:
         self.store.write_text(f"{MARKERS}/{name}{suffix}.json", json.dumps(record, indent=2, default=str) + "\n")

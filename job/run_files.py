@@ -15,18 +15,24 @@ from job.errors import InputError
 from job.storage import Store
 
 
-def _damaged(store: Store, rel: str, made_by: str, what: str) -> InputError:
+def _damaged(store: Store, rel: str, made_by: str, what: str, remedy: str = "") -> InputError:
+    remedy = remedy or "to make it again (and the stages after it)"
     return InputError(f"{store.uri_of(rel)} is damaged ({what}); it was changed outside the job. Rerun with "
-                      f"--force {made_by} to make it again (and the stages after it), or restore the file")
+                      f"--force {made_by} {remedy}, or restore the file")
 
 
-def read_json_object(store: Store, rel: str, made_by: str) -> dict:
+def read_json_object(store: Store, rel: str, made_by: str, text_keys: tuple[str, ...] = (),
+                     remedy: str = "") -> dict:
+    """The JSON object in `rel`, whose `text_keys` hold strings (a marker's fingerprint, LATEST's name)."""
     try:
         value = json.loads(store.read_text(rel))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _damaged(store, rel, made_by, str(exc)) from None
+        raise _damaged(store, rel, made_by, str(exc), remedy) from None
     if not isinstance(value, dict):
-        raise _damaged(store, rel, made_by, f"a JSON {type(value).__name__}, not an object")
+        raise _damaged(store, rel, made_by, f"a JSON {type(value).__name__}, not an object", remedy)
+    missing = [k for k in text_keys if not isinstance(value.get(k), str)]
+    if missing:
+        raise _damaged(store, rel, made_by, f"no {', '.join(missing)}", remedy)
     return value
 
 

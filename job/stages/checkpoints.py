@@ -24,6 +24,7 @@ from job import distributed
 from job.distributed import SINGLE, Ranks
 from job.errors import InputError
 from job.model import safetensors_problem
+from job.run_files import read_json_object
 from job.storage import Store
 
 PREFIX = "checkpoints"
@@ -94,16 +95,8 @@ def _download_resume_point(store: Store, fingerprint: str, local_root: Path, log
 
 
 def _read_latest(store: Store) -> dict:
-    try:
-        latest = json.loads(store.read_text(LATEST))
-        if not isinstance(latest, dict) or not isinstance(latest.get("checkpoint"), str):
-            raise ValueError("no checkpoint name")
-        return latest
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise InputError(
-            f"{store.uri_of(LATEST)} is damaged ({exc}); it is written in one piece, so it was changed "
-            "outside the job. Rerun with --force train to start training over (this deletes checkpoints/), "
-            "or restore the file") from None
+    return read_json_object(store, LATEST, "train", text_keys=("checkpoint",),
+                            remedy="to start training over (this deletes checkpoints/)")
 
 
 def _download_usable_checkpoint(store: Store, latest: dict, local_root: Path,
