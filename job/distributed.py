@@ -8,8 +8,8 @@ work like this:
   evaluate stages, checkpoint uploads, the adapter, markers and the report;
 - every rank trains (one 4-bit model copy per GPU, DDP, each rank its own shard of the data);
 - the other ranks wait for rank 0's word before training, and after it until rank 0 has finished
-  (`Pipeline.follow`), so every process of a run ends with the same exit code: a multi-node launch
-  that fails in merge restarts as a whole, instead of node 0 waiting alone at the rendezvous.
+  (`RankProtocol`, below), so every process of a run ends with the same exit code: a multi-node
+  launch that fails in merge restarts as a whole, instead of node 0 waiting alone at the rendezvous.
 
 Everything here is a no-op in a plain single-process run, so the single-GPU path is unchanged.
 """
@@ -19,9 +19,12 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
+
+from job.errors import JobError, MainProcessFailed
 
 log = logging.getLogger("job")
 
@@ -152,6 +155,74 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in values.tolist())
+
+
+def _control_broadcast(word=None):
+    return broadcast(word, control=True)
+
+
+class RankProtocol:
+    """Rank 0's words to the other ranks of a multi-GPU run, as three verbs.
+
+    - `wait(run)`: the other ranks wait here for rank 0's words: each "run this stage" word is handed
+      to `run` (the stage then runs on this rank too), and the stop word ends the wait, with rank 0's
+      exit code when rank 0 failed;
+    - `all_ranks(word)`: rank 0, around a stage that every rank runs: the word goes out just before it
+      starts. If the stage fails on rank 0, the others are inside the same stage and end with it (SIGTERM
+      reaches every rank through the stop flag, or the launcher ends them): no stop word follows;
+    - `ending()`: rank 0, around the whole pipeline: at the end, the stop word with rank 0's exit code.
+
+    In a single process, all three do nothing. `send` is rank 0's broadcast on the control group (a
+    test passes a fake one).
+    """
+
+    def __init__(self, ranks: Ranks, send: Callable = _control_broadcast):
+        self.ranks = ranks
+        self._send = send
+        self._waiting = ranks.distributed and ranks.is_main  # rank 0's view: are the others waiting?
+
+    def wait(self, run: Callable[[dict], None]) -> None:
+        """Ranks other than 0: run the stages rank 0 announces, until it says stop."""
+        if not self.ranks.distributed or self.ranks.is_main:
+            return
+        while True:
+            word = self._send(None)
+            if "exit_code" in word:
+                if word["exit_code"]:
+                    raise MainProcessFailed(word["message"], word["exit_code"])
+                return
+            run(word)
+
+    @contextmanager
+    def all_ranks(self, word: dict) -> Iterator[None]:
+        """Rank 0: the body is a stage every rank runs; `word` tells the waiting ranks which one."""
+        if not self._waiting:
+            yield
+            return
+        self._send(word)
+        try:
+            yield
+        except BaseException:
+            self._waiting = False
+            raise
+
+    @contextmanager
+    def ending(self) -> Iterator[None]:
+        """Rank 0: when the body ends, the waiting ranks end too, with rank 0's exit code."""
+        try:
+            yield
+        except BaseException as exc:
+            self.release(exc)
+            raise
+        self.release()
+
+    def release(self, error: Optional[BaseException] = None) -> None:
+        """The stop word, once: exit code 0, or the failed run's (a JobError's own code, else 1)."""
+        if not self._waiting:
+            return
+        self._waiting = False
+        code = (error.exit_code if isinstance(error, JobError) else 1) if error is not None else 0
+        self._send({"exit_code": code, "message": f"rank 0 stopped: {error}" if error is not None else ""})
 
 
 def teardown() -> None:

@@ -15,8 +15,8 @@ after the stage has read and checked its inputs. Every stale stage is refused be
 
 In a multi-GPU run (job/distributed.py) only rank 0 runs the pipeline: it decides, runs the
 single-process stages and writes every marker. A stage declared `all_ranks` (train) runs on every
-rank: rank 0 sends the other ranks, which wait in `follow()`, the stage's name and fingerprint just
-before it starts, and a stop word with its exit code when the pipeline ends, so all end alike.
+rank: the other ranks wait in `RankProtocol.wait` and run what rank 0 announces just before the stage
+starts (`run_announced`); the runner ends them with rank 0's exit code (job/distributed.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import job
-from job import distributed
 from job.config import Config, get_key, redact_text, to_dict, to_yaml
-from job.distributed import SINGLE, Ranks
-from job.errors import ConfigError, JobError, MainProcessFailed, Preempted, StaleStageError
+from job.distributed import SINGLE, RankProtocol, Ranks
+from job.errors import ConfigError, Preempted, StaleStageError
 from job.input_identity import describe
 from job.run_files import read_json_object
 from job.stage_store import StageStore
@@ -118,10 +118,11 @@ def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str], inputs: Opt
 
 class Pipeline:
     def __init__(self, stages: list[Stage], cfg: Config, store: Store, work_dir: Path, stop=None,
-                 ranks: Ranks = SINGLE):
+                 ranks: Ranks = SINGLE, protocol: Optional[RankProtocol] = None):
         self.stop = stop
         self.ranks = ranks
-        self._followers_waiting = ranks.distributed
+        self.protocol = protocol or RankProtocol(ranks)
+        """How rank 0 brings the other ranks of a multi-GPU run along (job/distributed.py)."""
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
         self.cfg = cfg
@@ -219,7 +220,7 @@ class Pipeline:
 
     def run(self, selected: Optional[list[str]] = None, force: Optional[str] = None) -> dict[str, dict]:
         """Run the selected stages in order (all by default). Returns name -> marker. In a multi-GPU
-        run the caller (job/runner.py) releases the waiting ranks afterwards: `release_followers`."""
+        run the caller (job/runner.py) ends the waiting ranks afterwards: `protocol.ending()`."""
         selected = list(selected or self.order)
         for name in selected + ([force] if force else []):
             if name not in self.stages:
@@ -272,31 +273,18 @@ class Pipeline:
 
     # -- the other ranks of a multi-GPU run ------------------------------------------------------
 
-    def follow(self) -> None:
-        """Ranks other than 0: run the all-ranks stages rank 0 announces, until it says stop."""
-        while True:
-            word = distributed.broadcast(None, control=True)
-            if "exit_code" in word:
-                if word["exit_code"]:
-                    raise MainProcessFailed(word["message"], word["exit_code"])
-                return
-            stage = self.stages[word["stage"]]
-            work_dir = self.work_dir / stage.name
-            work_dir.mkdir(parents=True, exist_ok=True)
-            log.info("stage %s: running on %s (fingerprint %s)", stage.name, self.ranks, word["fingerprint"])
-            ctx = Context(store=StageStore(self.store, hidden=tuple(word.get("hidden", ()))), work_dir=work_dir, fingerprint=word["fingerprint"],
-                          upstream=word["upstream"], log=logging.getLogger(f"job.{stage.name}"), stop=self.stop,
-                          ranks=self.ranks)
-            stage.run(self.cfg, ctx)
-            _free_gpu_memory()  # this process only waits from here on; rank 0 may merge on a GPU
-
-    def release_followers(self, error: Optional[BaseException] = None) -> None:
-        """Rank 0: tell the waiting ranks to end, with rank 0's exit code when it failed (once)."""
-        if self._followers_waiting:
-            self._followers_waiting = False
-            code = (error.exit_code if isinstance(error, JobError) else 1) if error is not None else 0
-            distributed.broadcast({"exit_code": code, "message": f"rank 0 stopped: {error}" if error else ""},
-                                  control=True)
+    def run_announced(self, word: dict) -> None:
+        """Ranks other than 0: run the all-ranks stage rank 0 announced (`RankProtocol.wait` calls this
+        for each word). Rank 0 alone decides, checks and writes markers; this rank only runs the stage."""
+        stage = self.stages[word["stage"]]
+        work_dir = self.work_dir / stage.name
+        work_dir.mkdir(parents=True, exist_ok=True)
+        log.info("stage %s: running on %s (fingerprint %s)", stage.name, self.ranks, word["fingerprint"])
+        ctx = Context(store=StageStore(self.store, hidden=tuple(word.get("hidden", ()))), work_dir=work_dir,
+                      fingerprint=word["fingerprint"], upstream=word["upstream"],
+                      log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
+        stage.run(self.cfg, ctx)
+        _free_gpu_memory()  # this process only waits from here on; rank 0 may merge on a GPU
 
     def _clear_forced(self) -> None:
         """Delete the results of the forced stage and every stage after it: all markers first (a crash
@@ -348,17 +336,8 @@ class Pipeline:
                            hidden=hidden)
         ctx = Context(store=store, work_dir=work_dir, fingerprint=fp, upstream=upstream_markers,
                       log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
-        if stage.all_ranks and self._followers_waiting:
-            distributed.broadcast({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers,
-                                   "hidden": list(hidden)}, control=True)
-            try:
-                metrics = stage.run(self.cfg, ctx) or {}
-            except BaseException:
-                # The others are inside the same stage: they stop with it (SIGTERM reaches every rank
-                # through the stop flag) or the launcher ends them; they no longer wait for a word.
-                self._followers_waiting = False
-                raise
-        else:
+        announce = self.protocol.all_ranks if stage.all_ranks else nullcontext  # the others hear of all-ranks stages
+        with announce({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers, "hidden": list(hidden)}):
             metrics = stage.run(self.cfg, ctx) or {}
         store._commit()  # a stage that wrote nothing still replaces what a forced run cleared
         record.update(started_at=started_at, finished_at=_now(),

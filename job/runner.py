@@ -36,9 +36,10 @@ def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> di
     try:
         pipeline = pipeline_for(cfg, stop, ranks)
         if not ranks.is_main:
-            pipeline.follow()
+            pipeline.protocol.wait(pipeline.run_announced)  # train with rank 0, then end as it ends
             return {}
-        try:
+        # The waiting ranks end with rank 0's exit code, whatever ends the pipeline.
+        with pipeline.protocol.ending():
             # One writer per run_uri: the lease is taken before anything is written, renewed while the
             # stages run and released at the end; once lost, every write fails and the job exits 4.
             # (storage.lease: false takes none, for stores that ignore conditional writes.)
@@ -49,11 +50,6 @@ def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> di
                          f", {ranks.world_size} processes" if ranks.distributed else "")
                 # config.yaml is written by the pipeline at the first write of a stage (after the stale
                 # checks and the stage's input checks), so a refused run leaves the run folder as it was.
-                results = pipeline.run(stages, force)
-        except BaseException as exc:
-            pipeline.release_followers(exc)  # the other ranks end with rank 0's exit code
-            raise
-        pipeline.release_followers()
-        return results
+                return pipeline.run(stages, force)
     finally:
         stop.uninstall()
