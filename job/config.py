@@ -35,13 +35,25 @@ def secret(default=None, doc: str = ""):
     return field(default=default, metadata={"secret": True, "doc": doc})
 
 
+def choice(default: str, choices: tuple):
+    """A field whose value must be one of `choices` (checked by _check_field_rules when the config loads)."""
+    assert default in choices, f"default {default!r} is not among {choices}"
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def at_least(default, minimum, note: str = ""):
+    """A number field that must be >= `minimum` when set (None, for an Optional field, stays allowed).
+    `note` is added to the refusal in parentheses, e.g. why the minimum is what it is."""
+    return field(default=default, metadata={"at_least": minimum, "note": note})
+
+
 @dataclass
 class DataConfig:
     """The CSV to learn from and how its rows become prompt/completion records."""
 
     uri: str = ""
     """The data: a .csv, .tsv, .jsonl/.json (JSON lines) or .parquet file, optionally .gz or .zst, as a local path or s3://bucket/key; or a Hub dataset hf://datasets/ORG/NAME[@REVISION] (its Parquet files). Required."""
-    format: str = "auto"
+    format: str = choice("auto", ("auto", "csv", "tsv", "jsonl", "parquet"))
     """auto (from data.uri's extension), csv, tsv, jsonl or parquet: overrides the extension (compression still comes from .gz/.zst)."""
     split: str = "train"
     """Which split of an hf://datasets/... repo to read (train, validation, test, ...)."""
@@ -53,9 +65,9 @@ class DataConfig:
     """Column with the model's input (the sentence to negate)."""
     target_column: str = "sentence2"
     """Column with the gold output (the negation)."""
-    eval_size: int = 500
+    eval_size: int = at_least(500, 0)
     """Rows held out for evaluation (seeded random choice). 0 disables evaluation data."""
-    max_rows: Optional[int] = None
+    max_rows: Optional[int] = at_least(None, 1, "or null for all rows")
     """Use at most this many kept rows (seeded sample) before splitting; null uses all."""
     seed: int = 42
     """Seed for the eval split and the sample."""
@@ -100,13 +112,13 @@ class StorageConfig:
 
     endpoint_url: str = ""
     """Custom S3 endpoint. Empty: boto3's default (AWS, or $AWS_ENDPOINT_URL)."""
-    max_attempts: int = 10
+    max_attempts: int = at_least(10, 1)
     """Attempts per request, with exponential backoff on throttling, 5xx and dropped connections."""
-    max_concurrency: int = 8
+    max_concurrency: int = at_least(8, 1)
     """Parallel parts and files per transfer."""
-    multipart_chunk_mb: int = 64
+    multipart_chunk_mb: int = at_least(64, 1)
     """Files above this size go up and down in parts of this size."""
-    lease_seconds: int = 120
+    lease_seconds: int = at_least(120, 3, "it is renewed every third")
     """Lease on run_uri (_lease.json) that keeps a second job out; renewed every third of this. A second job exits 4 once it sees the holder renew, or takes over when it was not renewed this long (at once on the same machine when the holder's process is gone)."""
     lease: bool = True
     """true: take the lease above (on S3, only if the store honours conditional writes: one that ignores If-None-Match / If-Match is refused with exit 2). false: no lease at all, one writer by convention (a warning at start): for such stores."""
@@ -121,13 +133,13 @@ class TrainConfig:
 
     load_in_4bit: bool = True
     """Quantize the frozen base to 4-bit NF4 (QLoRA). false trains plain LoRA on a 16/32-bit base."""
-    quant_type: str = "nf4"
+    quant_type: str = choice("nf4", ("nf4", "fp4"))
     """bitsandbytes 4-bit type: nf4 or fp4."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves about 0.4 bit per parameter)."""
-    compute_dtype: str = "auto"
+    compute_dtype: str = choice("auto", ("auto", "bf16", "fp16", "fp32"))
     """auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), bf16, fp16 or fp32."""
-    lora_r: int = 64
+    lora_r: int = at_least(64, 1)
     """LoRA rank."""
     lora_alpha: int = 16
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
@@ -139,11 +151,11 @@ class TrainConfig:
     """Peak learning rate of the LoRA weights."""
     lr_scheduler: str = "cosine"
     """linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt."""
-    warmup_steps: int = 10
+    warmup_steps: int = at_least(10, 0)
     """Linear warm-up steps."""
-    weight_decay: float = 0.0
+    weight_decay: float = at_least(0.0, 0)
     """AdamW weight decay."""
-    max_grad_norm: float = 0.3
+    max_grad_norm: float = at_least(0.3, 0)
     """Gradient clipping norm (the QLoRA paper's 0.3)."""
     optimizer: str = "auto"
     """auto (fused AdamW on CUDA, AdamW on CPU) or any transformers `optim` name."""
@@ -153,9 +165,9 @@ class TrainConfig:
     """Stop after this many optimizer steps; -1 runs `epochs`."""
     micro_batch_size: Union[int, str] = "auto"
     """Sequences per device per step ("auto": chosen from free GPU memory)."""
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = at_least(1, 1)
     """Micro-batches per optimizer step, per GPU: the effective batch is micro batch x this x GPUs."""
-    max_seq_length: int = 512
+    max_seq_length: int = at_least(512, 1)
     """Longer examples are dropped and counted in the metrics (never silently truncated)."""
     packing: bool = True
     """Pack examples into rows without cross-example attention (padding-free, position ids)."""
@@ -167,21 +179,21 @@ class TrainConfig:
     """Liger kernels for RoPE, RMSNorm and SwiGLU (package liger-kernel, in the image and the `gpu` extra): auto uses them on CUDA when installed and the architecture is supported; true requires them (exit 2 if they cannot be used); false: off."""
     seed: int = 42
     """Seed for LoRA initialisation, shuffling and dropout."""
-    logging_steps: int = 10
+    logging_steps: int = at_least(10, 1)
     """Log loss and learning rate every N steps (also into the trackers and the loss curve)."""
     report_to: Union[str, list] = "tensorboard"
     """Experiment trackers: none, tensorboard (event files uploaded to tensorboard/), mlflow, wandb, or a list such as [tensorboard, mlflow]. Settings come from their environment variables (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE, ...); a failing tracker only warns."""
-    checkpoint_every_steps: int = 100
+    checkpoint_every_steps: int = at_least(100, 0)
     """Save and upload a checkpoint every N optimizer steps (0: off)."""
-    checkpoint_every_minutes: float = 30.0
+    checkpoint_every_minutes: float = at_least(30.0, 0)
     """... and/or every M minutes of training (0: off)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = at_least(2, 1)
     """Checkpoints kept in storage (the newest K)."""
     background_upload: bool = True
     """Upload checkpoints while training continues."""
-    dataloader_workers: int = 0
+    dataloader_workers: int = at_least(0, 0)
     """Worker processes feeding batches (data is pre-tokenized, so 0 is usually enough)."""
-    distributed_timeout_minutes: float = 60.0
+    distributed_timeout_minutes: float = at_least(60.0, 1)
     """Multi-GPU runs: how long a GPU process waits for the others (covers rank 0's format stage and model download)."""
 
 
@@ -191,15 +203,15 @@ class MergeConfig:
 
     enabled: bool = True
     """false: stop at the adapter (no merged/ folder; evaluate then uses base+adapter)."""
-    dtype: str = "auto"
+    dtype: str = choice("auto", ("auto", "bf16", "fp16", "fp32"))
     """auto (bf16, or fp16 on a GPU without bf16), bf16, fp16 or fp32: the merged model's weights."""
-    device: str = "auto"
+    device: str = choice("auto", ("auto", "cuda", "cpu"))
     """auto (the GPU when the 16-bit model fits in its free memory, else the CPU), cuda or cpu."""
     max_shard_size: str = "2GB"
     """Largest safetensors file in merged/: bytes, or digits with GB, MB, KB, GiB, MiB, KiB (e.g. 2GB, 500MB)."""
-    check_prompts: int = 4
+    check_prompts: int = at_least(4, 1)
     """Eval examples (prompt and gold answer) run through base+adapter and the merged model to compare logits."""
-    tolerance: float = 0.0
+    tolerance: float = at_least(0.0, 0)
     """Max allowed logit difference between merged and base+adapter; 0 picks one suited to the dtype
     (bf16 0.08, fp16 0.01, fp32 1e-4, times the largest logit when above 1)."""
 
@@ -214,7 +226,7 @@ class ExportConfig:
     """GGUF types to write, any of f16, bf16, q8_0, q4_0 (K-quants: llama-quantize on the f16 file)."""
     name: str = "model"
     """File name stem: export/<name>.<type>.gguf."""
-    check_prompts: int = 4
+    check_prompts: int = at_least(4, 0, "0 skips the read-back check")
     """Eval examples each GGUF is read back on (transformers' GGUF loader) and compared to merged/; 0 skips the check."""
     min_agreement: float = 0.0
     """Least share of positions where the GGUF's top token equals merged/'s; 0 picks one per type
@@ -227,13 +239,13 @@ class EvaluateConfig:
 
     enabled: bool = True
     """false: no evaluation and no report/."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = at_least(128, 1)
     """Generation stops at EOS or after this many new tokens (counted in eos_stop_rate)."""
-    batch_size: int = 16
+    batch_size: int = at_least(16, 1)
     """Prompts generated together (left padding); lower it if generation runs out of memory."""
     compare_base: bool = True
     """Also run the untouched base model on the same prompts, for a side-by-side report."""
-    max_examples: Optional[int] = None
+    max_examples: Optional[int] = at_least(None, 1, "or null for all")
     """Evaluate at most this many eval rows; null: all."""
     do_sample: bool = False
     """false: greedy decoding (reproducible); true: sampling at `temperature`."""
@@ -524,27 +536,36 @@ def _assign(cfg: Config, dotted: str, value: Any, source: str, problems: list) -
         problems.append(f"{dotted}: expected {exc}, got {value!r} (from {source})")
 
 
-_CHOICES = {
-    "data.format": ("auto", "csv", "tsv", "jsonl", "parquet"),
-    "train.quant_type": ("nf4", "fp4"),
-    "train.compute_dtype": ("auto", "bf16", "fp16", "fp32"),
-    "merge.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "merge.device": ("auto", "cuda", "cpu"),
-}
+# Float keys whose own rule (at_least, or a special rule below) also refuses nan and inf, so the generic
+# "must be a finite number" rule in _check_run_values leaves them alone. YAML reads .nan and .inf as numbers.
+_OWN_FINITE_RULE = ("train.learning_rate", "train.weight_decay", "train.max_grad_norm",
+                    "train.checkpoint_every_minutes", "train.epochs", "train.lora_dropout", "merge.tolerance")
+
+
+def _check_field_rules(cfg: Config) -> list[str]:
+    """The rules the fields carry in their metadata: choice(...) and at_least(...)."""
+    problems = []
+    for section in (f.name for f in dataclasses.fields(Config) if f.name in SECTIONS):  # in file order
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            key, value = f"{section}.{f.name}", getattr(values, f.name)
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                problems.append(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+            minimum = f.metadata.get("at_least")
+            if minimum is None or value is None:
+                continue
+            # nan is not below the minimum by `<`; it is refused here only where this rule owns finiteness
+            # (else the finite-number rule reports it, once).
+            if value < minimum or (key in _OWN_FINITE_RULE and not math.isfinite(value)):
+                wording = {0: ">= 0", 1: "positive"}.get(minimum, f"at least {minimum}")
+                note = f" ({f.metadata['note']})" if f.metadata["note"] else ""
+                problems.append(f"{key}: must be {wording}{note}, got {value}")
+    return problems
 
 
 def _check_values(cfg: Config) -> list[str]:
-    problems = []
-    for key, choices in _CHOICES.items():
-        if get_key(cfg, key) not in choices:
-            problems.append(f"{key}: must be one of {', '.join(choices)}, got {get_key(cfg, key)!r}")
-    for key in ("data.eval_size", "train.lora_r", "train.gradient_accumulation", "train.max_seq_length",
-                "evaluate.max_new_tokens", "evaluate.batch_size", "train.keep_checkpoints",
-                "storage.max_attempts", "storage.max_concurrency", "storage.multipart_chunk_mb",
-                "train.distributed_timeout_minutes"):
-        value = get_key(cfg, key)
-        if value < (0 if key == "data.eval_size" else 1):
-            problems.append(f"{key}: must be {'>= 0' if key == 'data.eval_size' else 'positive'}, got {value}")
+    problems = _check_field_rules(cfg)
     for key in ("train.micro_batch_size", "train.packing_length"):
         value = get_key(cfg, key)
         if isinstance(value, str) and value != "auto" or isinstance(value, int) and value < 1:
@@ -554,8 +575,6 @@ def _check_values(cfg: Config) -> list[str]:
                         f"got {cfg.train.gradient_checkpointing!r}")
     if isinstance(cfg.train.liger, str) and cfg.train.liger != "auto":
         problems.append(f"train.liger: must be true, false or \"auto\", got {cfg.train.liger!r}")
-    if cfg.evaluate.max_examples is not None and cfg.evaluate.max_examples < 1:
-        problems.append(f"evaluate.max_examples: must be positive (or null for all), got {cfg.evaluate.max_examples}")
     if cfg.evaluate.temperature <= 0:
         problems.append(f"evaluate.temperature: must be positive, got {cfg.evaluate.temperature}")
     if not 0 <= cfg.train.lora_dropout < 1:
@@ -564,9 +583,6 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append("data.source_column and data.target_column: must name different columns")
     if cfg.prompt.original_key == cfg.prompt.output_key:
         problems.append("prompt.original_key and prompt.output_key: must differ")
-    if cfg.storage.lease_seconds < 3:
-        problems.append(f"storage.lease_seconds: must be at least 3 (it is renewed every third), "
-                        f"got {cfg.storage.lease_seconds}")
     problems.extend(_check_run_values(cfg))
     problems.extend(_check_uris(cfg))
     from job.trackers import problems as tracker_problems
@@ -622,15 +638,11 @@ def _check_run_values(cfg: Config) -> list[str]:
     work before it: every rule here is listed in the README's "Configuration" section."""
     problems = []
     d, t, m = cfg.data, cfg.train, cfg.merge
-    ranged = ("train.learning_rate", "train.weight_decay", "train.max_grad_norm", "train.checkpoint_every_minutes",
-              "train.epochs", "train.lora_dropout", "merge.tolerance")  # their own rules also refuse nan and inf
     for section in SECTIONS:  # YAML reads .nan and .inf as numbers: no setting of the job means either
         for f in dataclasses.fields(getattr(cfg, section)):
             value, key = getattr(getattr(cfg, section), f.name), f"{section}.{f.name}"
-            if isinstance(value, float) and not math.isfinite(value) and key not in ranged:
+            if isinstance(value, float) and not math.isfinite(value) and key not in _OWN_FINITE_RULE:
                 problems.append(f"{key}: must be a finite number, got {value}")
-    if d.max_rows is not None and d.max_rows < 1:
-        problems.append(f"data.max_rows: must be positive (or null for all rows), got {d.max_rows}")
     for key in ("data.seed", "train.seed"):
         if not 0 <= get_key(cfg, key) <= SEED_MAX:
             problems.append(f"{key}: must be between 0 and {SEED_MAX} (2**32-1), got {get_key(cfg, key)}")
@@ -646,15 +658,6 @@ def _check_run_values(cfg: Config) -> list[str]:
         value = get_key(cfg, key)
         if not (value > 0 and math.isfinite(value)):
             problems.append(f"{key}: must be a positive number, got {value}")
-    for key in ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.checkpoint_every_steps",
-                "train.checkpoint_every_minutes", "train.dataloader_workers", "merge.tolerance"):
-        value = get_key(cfg, key)
-        if not (value >= 0 and math.isfinite(value)):
-            problems.append(f"{key}: must be >= 0, got {value}")
-    if t.logging_steps < 1:
-        problems.append(f"train.logging_steps: must be positive, got {t.logging_steps}")
-    if m.check_prompts < 1:
-        problems.append(f"merge.check_prompts: must be positive, got {m.check_prompts}")
     if t.max_steps == 0 or t.max_steps < -1:
         problems.append(f"train.max_steps: must be positive, or -1 to run train.epochs, got {t.max_steps}")
     if t.max_steps == -1 and not (t.epochs > 0 and math.isfinite(t.epochs)):
@@ -704,8 +707,6 @@ def _check_export(cfg: Config) -> list[str]:
                         f"(K-quants such as q4_k_m: run llama-quantize on the f16 file), got {e.gguf!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", e.name or ""):
         problems.append(f"export.name: must be a file name stem (letters, digits, . _ -), got {e.name!r}")
-    if e.check_prompts < 0:
-        problems.append(f"export.check_prompts: must be >= 0 (0 skips the read-back check), got {e.check_prompts}")
     if not 0 <= e.min_agreement <= 1:
         problems.append(f"export.min_agreement: must be between 0 and 1 (0: per-type default), got {e.min_agreement}")
     if e.enabled and not cfg.merge.enabled:
