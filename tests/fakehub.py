@@ -133,7 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(401, "RepoNotFound")  # the Hub answers 401 for a repo it will not show
             return None, None
         if repo.gated and self.headers.get("Authorization") != f"Bearer {self.fake.token}":
-            self._error(401, "GatedRepo", "Access to this model is restricted. You must have access to it and be authenticated.")
+            self._error(401, "GatedRepo",
+                        "Access to this model is restricted. You must have access to it and be authenticated.")
             return None, None
         sha = rev if rev in repo.commits else repo.refs.get(rev)
         if sha is None:

@@ -115,7 +115,10 @@ def test_trl_collator_boundaries_reach_the_attention_and_gradients_match():
     for doc in DOCS:
         ids = torch.tensor([doc])
         out = model(input_ids=ids).logits[0]
-        part = torch.nn.functional.cross_entropy(out[:-1], ids[0, 1:], reduction="sum") if len(doc) > 1 else out.sum() * 0
+        if len(doc) > 1:
+            part = torch.nn.functional.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
+        else:
+            part = out.sum() * 0
         part.backward()
         total += part.detach().item()
     assert float(loss) == pytest.approx(total, rel=1e-5)
@@ -131,7 +134,8 @@ def test_padding_mask_is_refused():
 def test_choice_on_cpu():
     name, reason = choose_training_attention("auto", packing=True)
     assert name == "sdpa" and "no CUDA" in reason
-    assert choose_training_attention("flex_attention", packing=True) == ("flex_attention", "set by model.attn_implementation")
+    assert choose_training_attention("flex_attention", packing=True) == ("flex_attention",
+                                                                          "set by model.attn_implementation")
     with pytest.raises(ValueError, match="varlen cannot run here: no CUDA"):
         choose_training_attention("varlen", packing=True)
 
@@ -166,7 +170,8 @@ def test_liger_choice_on_cpu(tmp_path):
     def cfg(value):
         return load_config(None, ("run_uri=/r", "data.uri=d.csv", "model.uri=/m", f"train.liger={value}"), environ={})
 
-    assert choose_liger(cfg("auto"), tmp_path) == (False, "auto: not used, no CUDA device (Liger's Triton kernels run on GPUs)")
+    assert choose_liger(cfg("auto"), tmp_path) == (
+        False, "auto: not used, no CUDA device (Liger's Triton kernels run on GPUs)")
     assert choose_liger(cfg("false"), tmp_path) == (False, "off (train.liger: false)")
     with pytest.raises(InputError, match="train.liger: true, but Liger kernels cannot be used here: no CUDA"):
         choose_liger(cfg("true"), tmp_path)

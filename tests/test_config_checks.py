@@ -353,20 +353,6 @@ def test_target_modules_checked_after_the_model_loads(tmp_path, tiny_model_dir):
 # ---------------------------------------------------------------------------------------------- full cache disk
 
 
-@pytest.fixture
-def small_cache(tmp_path):
-    """JOB_CACHE_DIR on a 512 KiB tmpfs: room for the job's scratch files, not for a download."""
-    folder = tmp_path / "small-cache"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode(errors='replace').strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 def _full_disk_failure(result, cache: Path) -> str:
     output = _clean_failure(result, code=3)
     assert "no space left in" in output and str(cache) in output, output

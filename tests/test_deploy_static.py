@@ -37,8 +37,12 @@ GPUS = {"base": 1, "overlays/minio": 1, "overlays/multi-gpu": 8, "overlays/multi
 def render(name: str) -> dict:
     text = (render_k8s.render_with_kubectl if shutil.which("kubectl") else render_k8s.render_in_python)(
         ROOT / "k8s" / name)
-    return {(d["kind"], d["metadata"]["name"].rsplit("-", 1)[0] if d["kind"] == "ConfigMap" else d["metadata"]["name"]): d
-            for d in yaml.safe_load_all(text) if d}
+
+    def key(d):  # a ConfigMap's name carries kustomize's content hash suffix: drop it
+        name = d["metadata"]["name"]
+        return d["kind"], name.rsplit("-", 1)[0] if d["kind"] == "ConfigMap" else name
+
+    return {key(d): d for d in yaml.safe_load_all(text) if d}
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -135,7 +139,8 @@ def test_credentials_irsa_in_base_secret_in_minio():
         assert secret["optional"] is True  # IRSA needs no Secret
         env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
         assert env["AWS_SHARED_CREDENTIALS_FILE"].startswith("/var/run/secrets/")
-    egress_ports = {p["port"] for rule in minio[("NetworkPolicy", "qlora-job")]["spec"]["egress"] for p in rule["ports"]}
+    egress_ports = {p["port"] for rule in minio[("NetworkPolicy", "qlora-job")]["spec"]["egress"]
+                    for p in rule["ports"]}
     assert {53, 443, 9000} <= egress_ports
 
 

@@ -101,7 +101,8 @@ def test_metric_definitions():
     src, gold = "A dog runs in the park.", "No animal is outside."
     answers = [
         ('{"original_sentence": "A dog runs in the park.", "negation": "No animal is outside."}', True),
-        ('```json\n{"original_sentence": "A dog runs in the park.", "negation": "a DOG runs  in the park."}\n```', True),
+        ('```json\n{"original_sentence": "A dog runs in the park.", "negation": "a DOG runs  in the park."}'
+         '\n```', True),
         ('{"original_sentence": "A cat runs.", "negation": "Nobody runs."} and more', False),
         ("{'original_sentence': 'A dog runs in the park.', 'negation': 'No animal is outside.'}", True),
         ('{"original_sentence": "A dog runs in the park.", "negation": "No ani', False),

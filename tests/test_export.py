@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,15 +84,14 @@ def make_variant(out: Path, model_type="llama", tied=False, heads=4, kv_heads=2,
 
 
 def export_and_read_back(model_dir: Path, out_dir: Path, types=("f16", "bf16", "q8_0")) -> dict:
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from job.config import PromptConfig
     from job.export_gguf import inspect_model, write_gguf
     from job.prompts import build_completion, build_prompt
     from job.stages.export import read_back
     from job.stages.merge import logits_of
-    import torch
-    from transformers import AutoModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = PromptConfig()
@@ -260,7 +258,8 @@ def test_export_stage_end_to_end(trained_run, tmp_path):  # noqa: F811
         assert check["passed"] and check["same_tokens"] and check["tokens"] > 0
         assert marker["files"][t]["peak_rss_gb"] > 0
     modelfile = (export / "Modelfile").read_text()
-    assert "FROM ./model.f16.gguf" in modelfile and "{{ .Prompt }}" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+    assert "FROM ./model.f16.gguf" in modelfile and "{{ .Prompt }}" in modelfile
+    assert 'PARAMETER stop "</s>"' in modelfile
     assert "### Input:\n{{ .Prompt }}\n\n### Response:\n\"\"\"" in modelfile
 
     # `job export` alone on the finished run: done already; the plan says so.

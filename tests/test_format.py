@@ -7,8 +7,7 @@ import pytest
 
 from job.config import PromptConfig
 from job.prompts import RESPONSE_END, build_prompt
-from tests.helpers import (SNLI_SAMPLE, job_env, put_file, read_jsonl, read_run_file, run_file_exists,
-                           run_job)
+from tests.helpers import SNLI_SAMPLE, job_env, put_file, read_jsonl, read_run_file, run_file_exists, run_job
 
 P = PromptConfig()
 
@@ -94,8 +93,10 @@ BAD_CSVS = {
                  "line 5 (byte"),
     "no_label_rows": ((HEADER + "neutral,a,b,,\nentailment,c,d,,\n").encode(),
                       "no row has gold_label == 'contradiction'; values seen: 'neutral' (1), 'entailment' (1)"),
-    "ragged_long": ((HEADER + GOOD + "contradiction,a,b,c,d,e,f\n").encode(), "line 3 has more fields than the header (7 instead of 5)"),
-    "ragged_short": ((HEADER + GOOD + "contradiction,only two\n").encode(), "line 3 has fewer fields than the header (2 instead of 5)"),
+    "ragged_long": ((HEADER + GOOD + "contradiction,a,b,c,d,e,f\n").encode(),
+                    "line 3 has more fields than the header (7 instead of 5)"),
+    "ragged_short": ((HEADER + GOOD + "contradiction,only two\n").encode(),
+                     "line 3 has fewer fields than the header (2 instead of 5)"),
     "huge_field": ((HEADER + GOOD + 'contradiction,"' + "x" * 50_000_000 + '",y,,\n').encode(),
                    "row 2, column sentence1: a field of 50,000,000 characters"),
 }

@@ -40,8 +40,9 @@ def variants(tmp_path_factory) -> dict[str, Path]:
     jsonl = frame.to_json(orient="records", lines=True, force_ascii=False).encode()
     parquet = folder / "snli.parquet"
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), parquet)
-    files = {"snli.csv": csv_bytes, "snli.csv.gz": compress(csv_bytes, "gzip"), "snli.csv.zst": compress(csv_bytes, "zstd"),
-             "snli.tsv": tsv, "snli.tsv.zst": compress(tsv, "zstd"), "snli.jsonl": jsonl, "snli.json": jsonl,
+    files = {"snli.csv": csv_bytes, "snli.csv.gz": compress(csv_bytes, "gzip"),
+             "snli.csv.zst": compress(csv_bytes, "zstd"), "snli.tsv": tsv, "snli.tsv.zst": compress(tsv, "zstd"),
+             "snli.jsonl": jsonl, "snli.json": jsonl,
              "snli.jsonl.gz": compress(jsonl, "gzip"), "snli.parquet": parquet.read_bytes(),
              "snli-parquet.data": parquet.read_bytes()}  # no known extension: data.format=parquet says what it is
     for name, data in files.items():

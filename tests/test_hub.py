@@ -14,10 +14,10 @@ import pytest
 
 from tests.fakehub import FakeHub, folder_files
 from tests.helpers import job_env, read_jsonl, run_job
-from tests.test_config_checks import small_cache  # noqa: F401 - fixture (a 512 KiB tmpfs)
 
 TOKEN = "hf_FakeHubTokenForTestsOnly0123456789"
-LOADING_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+LOADING_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json"}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,8 @@ def test_a_moved_branch_makes_the_stage_stale_in_plan_and_run(tmp_path):
         for sets in (branch, pinned):
             done = run_job("run", "--stages", "format", *sets, env=env)
             assert done.returncode == 0, done.stderr
-        second = fake.push("datasets", "org/snli", "main", {"data/train-00000-of-00001.parquet": parquet_of(frame.head(200))})
+        second = fake.push("datasets", "org/snli", "main",
+                           {"data/train-00000-of-00001.parquet": parquet_of(frame.head(200))})
 
         plan = run_job("plan", *branch, env=env)
         assert plan.returncode == 0, plan.stderr

@@ -30,8 +30,17 @@ import boto3
 
 from tests.helpers import ROOT, job_env
 from tests.s3server import make_bucket
-from tests.test_faults import (RUN, comparable, fault_proxy, inputs, job_args, proxy,  # noqa: F401 - fixtures
-                               reference_run, small_model_dir, snapshot)
+from tests.test_faults import (  # noqa: F401 - fixtures
+    RUN,
+    comparable,
+    fault_proxy,
+    inputs,
+    job_args,
+    proxy,
+    reference_run,
+    small_model_dir,
+    snapshot,
+)
 
 MB = 1024 * 1024
 

@@ -22,7 +22,8 @@ CORPUS = [
     (OK + RESPONSE_END, True, True, "A man is awake."),
     (OK + "</s>", True, True, "A man is awake."),
     (OK + RESPONSE_END + "\n\n### Instruction:\nWrite the negation", True, True, "A man is awake."),
-    ('{"original_sentence": "It\'s Zoë\'s \\"café\\".", "negation": "Nobody\'s there."}', True, True, "Nobody's there."),
+    ('{"original_sentence": "It\'s Zoë\'s \\"café\\".", "negation": "Nobody\'s there."}', True, True,
+     "Nobody's there."),
     ('{\n  "original_sentence": "A man sleeps.",\n  "negation": "A man is awake."\n}', True, True, "A man is awake."),
     ('{"negation": "A man is awake.", "original_sentence": "A man sleeps."}', True, True, "A man is awake."),
     # chat models: fences and chatter around the object

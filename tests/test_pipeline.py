@@ -119,7 +119,8 @@ def test_forced_stage_whose_input_is_bad_deletes_nothing(store_root, tmp_path):
     with pytest.raises(InputError):
         p.run(force="format")
     assert run_listing(p) == before
-    assert states(make_pipeline(root, endpoint, tmp_path, calls)) == {"format": "done", "train": "done", "merge": "done"}
+    assert states(make_pipeline(root, endpoint, tmp_path, calls)) == {"format": "done", "train": "done",
+                                                                       "merge": "done"}
 
 
 def test_force_clears_only_at_the_first_write_and_later_markers_go_first(store_root, tmp_path):
@@ -141,7 +142,7 @@ def test_failed_before_writing_leaves_no_started_marker(store_root, tmp_path):
     with pytest.raises(InputError):
         make_pipeline(root, endpoint, tmp_path, calls, reject_input_in="train").run()
     p = make_pipeline(root, endpoint, tmp_path, calls, "train.lora_r=4")  # the corrected settings
-    assert p.marker("train", ".started") is None
+    assert p.marker("train", started=True) is None
     p.run()  # not refused as "partial results were made with other settings"
     assert states(p) == {"format": "done", "train": "done", "merge": "done"}
 

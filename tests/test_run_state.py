@@ -6,7 +6,6 @@ runs where training is not the point, one shared finished `format,train` run whe
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -30,8 +29,8 @@ def listing(root: str, endpoint) -> dict[str, bytes]:
     if root.startswith("s3://"):
         bucket, _, prefix = root[5:].partition("/")
         client = s3_client(endpoint)
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-                for o in page.get("Contents", [])]
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
         files = {k[len(prefix) + 1:]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
     else:
         files = {p.relative_to(root).as_posix(): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}

@@ -42,8 +42,9 @@ SET_SECRETS = {"access_key_id": "AKIASETLEAKCHECK0002", "secret_access_key": "se
                "session_token": "setSessionTokenLeakCheck0002"}
 URL_PASSWORD = "pa55word-leak"
 ALL = {**{f"env {k}": v for k, v in ENV_SECRETS.items()},
-       **{f"{layer} storage.{k}": v for layer, values in (("config file", FILE_SECRETS), ("hyperparameters", HYPER_SECRETS),
-                                                           ("JOB_ env", JOBENV_SECRETS), ("--set", SET_SECRETS))
+       **{f"{layer} storage.{k}": v
+          for layer, values in (("config file", FILE_SECRETS), ("hyperparameters", HYPER_SECRETS),
+                                ("JOB_ env", JOBENV_SECRETS), ("--set", SET_SECRETS))
           for k, v in values.items()},
        "endpoint_url password": URL_PASSWORD}
 

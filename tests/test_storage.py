@@ -16,8 +16,7 @@ import boto3
 import pytest
 
 from job.errors import EXIT_BAD_INPUT, InputError, StorageError
-from job.storage import (TEMP_SUFFIX, LocalStore, S3Store, is_s3, open_store, redact_uri, split_uri,
-                         verify_download)
+from job.storage import TEMP_SUFFIX, LocalStore, S3Store, is_s3, open_store, redact_uri, split_uri, verify_download
 from tests.s3server import backend_root, make_bucket
 
 TEXT = "Ein Mann fährt Fahrrad. 自転車に乗る男。 — «ok» 🚲\n"

@@ -1,5 +1,6 @@
 """train.report_to: MLflow (a local file store) and wandb (offline, never prompting) record the run and
-continue the same tracker run after SIGTERM and a resume; a tracker whose server is down only warns. Each test trains the tiny model for a few steps (format+train)."""
+continue the same tracker run after SIGTERM and a resume; a tracker whose server is down only warns. Each
+test trains the tiny model for a few steps (format+train)."""
 
 from __future__ import annotations
 
