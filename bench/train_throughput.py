@@ -122,7 +122,7 @@ def notebook_trainer(model_dir, tokenizer, records, steps, out_dir):
 def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
     """The job's train stage as `job run` builds it, with its defaults plus `sets`."""
     from job.config import load_config
-    from job.model import compute_dtype
+    from job.dtypes import pick_dtype
     from job.pipeline import Context
     from job.stages.labels import tokenize_examples
     from job.stages.train import build_trainer, choose_kernels, load_base_model, plan_batch
@@ -132,7 +132,7 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
                              f"train.max_steps={steps}", "train.checkpoint_every_steps=0",
                              "train.checkpoint_every_minutes=0", "train.logging_steps=1000", *sets), environ={})
     examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
-    dtype = compute_dtype(cfg.train.compute_dtype)
+    dtype = pick_dtype(cfg.train.compute_dtype, "train")[0]
     kernels = choose_kernels(cfg, Path(model_dir))
     settings = plan_batch(cfg, examples, Path(model_dir), kernels)
     model = load_base_model(cfg, Path(model_dir), dtype, kernels)

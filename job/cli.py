@@ -194,11 +194,10 @@ def predict(config_file, assignments, model_uri, adapter_uri, input_file, column
     from job.logs import add_secret_filter
     from job.predict import predict as run_predict
     from job.predict import predict_config, read_inputs, to_json_line
-    from job.stages import storage_options
 
     cfg = predict_config(config_file, tuple(assignments), model_uri)
     add_secret_filter(cfg)
-    inputs = read_inputs(sentences, input_file, column, storage_options(cfg))  # bad input fails before loading
+    inputs = read_inputs(sentences, input_file, column, cfg.storage)  # bad input fails before loading
     for record in run_predict(cfg, model_uri, adapter_uri, inputs, max_new_tokens or cfg.evaluate.max_new_tokens,
                               batch_size or cfg.evaluate.batch_size):
         click.echo(to_json_line(record))

@@ -31,11 +31,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from job.errors import InputError
+from job.model_files import safetensors_header, tensors
 
 TYPES = ("f16", "bf16", "q8_0", "q4_0")
 
@@ -182,11 +182,6 @@ def _check_rope(plan: ModelPlan) -> None:
                             "(supported: none, linear, llama3); nothing was written")
 
 
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-
-
 def _plan_tensors(plan: ModelPlan) -> None:
     import gguf
 
@@ -198,8 +193,8 @@ def _plan_tensors(plan: ModelPlan) -> None:
     tied = bool(plan.config.get("tie_word_embeddings", False))
     seen = {}
     for path in files:
-        for name, info in _safetensors_header(path).items():
-            if name == "__metadata__" or name in seen:
+        for name, info in tensors(safetensors_header(path)[1]).items():
+            if name in seen:
                 continue
             seen[name] = (path, tuple(info["shape"]))
     if tied:

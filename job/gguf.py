@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from job.errors import InputError
+from job.model_files import check_model_folder
 
 log = logging.getLogger("job.gguf")
 
@@ -109,8 +110,6 @@ def convert(path: Path, out_dir: Path, dtype: str = "float32", force: bool = Fal
     stamped, then renamed into place. A kill mid-way leaves only a temporary folder behind (removed
     by the next attempt), never a half-written `out_dir`.
     """
-    from job.model import check_model_folder
-
     if dtype not in DTYPES:
         raise InputError(f"gguf dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path, out_dir = Path(path), Path(out_dir).expanduser()

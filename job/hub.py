@@ -73,8 +73,13 @@ def download(ref: HubRef, cache_root: Path, *, allow_patterns: list[str], ignore
     """The snapshot folder (named by its commit sha) holding the repo's files matching the patterns."""
     import httpx2
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     from job.storage import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, download_space  # the storage layer's backoff
 

@@ -13,16 +13,17 @@ import hashlib
 from pathlib import Path
 from typing import Optional
 
+from job.config import StorageConfig
 from job.storage import is_s3, open_store, split_uri
 
 HASH_LIMIT = 256 * 1024 * 1024  # hashing 256 MiB takes about a second; SNLI's train split is 60 MB
 
 
-def file_identity(uri: str, storage_opts: dict) -> Optional[dict]:
+def file_identity(uri: str, storage: StorageConfig) -> Optional[dict]:
     try:
         if is_s3(uri):
             parent, name = split_uri(uri)
-            store = open_store(parent, **storage_opts)
+            store = open_store(parent, storage)
             head = store.client.head_object(Bucket=store.bucket, Key=store._key(name))
             identity = {"etag": head.get("ETag", "").strip('"'), "size": head.get("ContentLength")}
             if head.get("VersionId") and head["VersionId"] != "null":

@@ -63,13 +63,13 @@ from typing import Optional
 import botocore.exceptions
 
 import job
+from job.clock import utc_timestamp
 from job.errors import ConfigError, JobError, Preempted, RunLocked, StorageError
+from job.layout import LEASE, LEASE_PROBE
 from job.storage import TEMP_SUFFIX, LocalStore, S3Store, Store, local_errors, redact_uri
 
 log = logging.getLogger("job.lease")
 
-LEASE = "_lease.json"
-LEASE_PROBE = "_lease.probe-"  # + a random hex: the object that tests conditional writes on S3
 # The holder counts its lease as valid for this share of lease_seconds after its last successful write,
 # while others wait all of lease_seconds: the gap is the holder's margin to notice and stop writing.
 HOLDER_SHARE = 2 / 3
@@ -121,7 +121,7 @@ class Seen:
         return f"{b['host']} pid {b.get('pid', '?')}{where} (since {b.get('acquired_at', '?')})"
 
     def expires(self) -> str:
-        return _utc(self.now + self.expiry - self.age)
+        return utc_timestamp(self.now + self.expiry - self.age)
 
 
 # -- where the lease lives ---------------------------------------------------------------------------
@@ -334,10 +334,6 @@ def _pid_namespace() -> Optional[str]:
         return None
 
 
-def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 # -- the lease -------------------------------------------------------------------------------------
 
 
@@ -378,8 +374,8 @@ class Lease:
         now = time.time()
         return (json.dumps({
             "token": self.token, **self.identity,
-            "acquired_at": _utc(self.acquired_at or now), "renewed_at": _utc(now),
-            "expires_at": _utc(now + self.seconds), "expiry_seconds": self.seconds,
+            "acquired_at": utc_timestamp(self.acquired_at or now), "renewed_at": utc_timestamp(now),
+            "expires_at": utc_timestamp(now + self.seconds), "expiry_seconds": self.seconds,
             "renewals": self.renewals, "job_version": job.__version__,
             "note": "This job writes this run. Do not delete this file unless you are sure the job is dead.",
         }, indent=2) + "\n").encode()

@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 
+from job.clock import utc_timestamp
 from job.config import ENV_PREFIX, REDACTED, SECRET_KEYS, Config, redact_text, secret_values
 from job.errors import ConfigError
 
@@ -70,7 +70,7 @@ class JsonFormatter(logging.Formatter):
     exception, its traceback text."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        entry = {"ts": utc_timestamp(record.created, millis=True),
                  "level": record.levelname, "logger": record.name, "message": record.getMessage()}
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):

@@ -12,18 +12,16 @@ from job import hub
 from job.config import Config
 from job.errors import InputError
 from job.gguf import fetch_gguf_model, is_gguf_uri
+from job.model_files import check_model_folder
 from job.platform import cache_dir
 from job.storage import download_space, is_s3, open_store
 
 log = logging.getLogger("job.model")
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 COMPLETE = ".complete"
 
 
-def fetch_model(uri: str, cfg: Config, storage_opts: dict) -> Path:
+def fetch_model(uri: str, cfg: Config) -> Path:
     """A local folder holding the model at `uri`: the folder itself, or a cached download.
 
     A download goes to a temporary folder and is renamed into place with a `.complete` stamp, so a
@@ -51,64 +49,12 @@ def fetch_model(uri: str, cfg: Config, storage_opts: dict) -> Path:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     log.info("model %s: downloading to %s", uri, target)
-    files = open_store(uri, **storage_opts).download_dir("", partial)
+    files = open_store(uri, cfg.storage).download_dir("", partial)
     check_model_folder(partial, uri)
     (partial / COMPLETE).write_text(json.dumps({"uri": uri, "files": len(files)}))
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
-
-
-def check_model_folder(path: Path, uri: str, what: str = "model.uri",
-                       remedy: str = "copy the model folder again") -> None:
-    """Fail early, with what is missing, instead of deep inside from_pretrained. `what` names the folder
-    in messages (the key, or the run's merged/), `remedy` says how to get a good one."""
-    names = {p.name for p in path.iterdir()}
-    problems = []
-    if "config.json" not in names:
-        problems.append("config.json")
-    if not names.intersection(WEIGHT_FILES):
-        problems.append("weights (model.safetensors or model.safetensors.index.json with shards)")
-    if not names.intersection(TOKENIZER_FILES):
-        problems.append("a tokenizer (tokenizer.json or tokenizer.model)")
-    if problems:
-        raise InputError(f"{what} {uri}: not a usable Hugging Face model folder, missing {'; '.join(problems)}. "
-                         f"Found: {', '.join(sorted(names)) or 'nothing'}; {remedy}")
-    # A truncated or overwritten weights file would otherwise fail deep inside from_pretrained (exit 1,
-    # a traceback): check each file's length against its header, and that the index's shards exist.
-    index = path / "model.safetensors.index.json"
-    shards = set()
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(f"{what} {uri}: model.safetensors.index.json is damaged (no weight_map); "
-                             f"{remedy}") from None
-    missing = sorted(shards - names)
-    if missing:
-        raise InputError(f"{what} {uri}: model.safetensors.index.json names shards that are not in the "
-                         f"folder: {', '.join(missing)}; {remedy}")
-    for weights in sorted(path.glob("*.safetensors")):
-        problem = safetensors_problem(weights)
-        if problem:
-            raise InputError(f"{what} {uri}: {weights.name} {problem}; {remedy}")
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """None for a safetensors file whose length matches its header, else what is wrong (reads the header only)."""
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if header_len > 100 * 2**20:  # safetensors caps headers at 100 MB: this is not one
-                return "is not a safetensors file"
-            header = json.loads(f.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return "is damaged (its header does not parse)"
-    size = path.stat().st_size
-    if size != 8 + header_len + end:
-        return f"is truncated or damaged ({size:,} bytes, its header says {8 + header_len + end:,})"
-    return None
 
 
 def load_tokenizer(model_dir: Path, uri: str):
@@ -148,17 +94,6 @@ def pick_pad_token(tokenizer, uri: str) -> str:
             log.warning("model %s: no spare special token; padding with %r (never trained on)", uri, token)
             return token
     raise InputError(f"model.uri {uri}: the tokenizer has no token usable for padding")
-
-
-def compute_dtype(name: str):
-    """bf16 where the GPU supports it, else fp16; fp32 on CPU (bf16 matmuls on CPU are very slow)."""
-    import torch
-
-    if name != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def attn_implementation(cfg: Config, training: bool = False) -> str:

@@ -25,12 +25,15 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import job
+from job import layout
+from job.clock import utc_timestamp
 from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, RankProtocol, Ranks
 from job.errors import ConfigError, Preempted, StaleStageError
@@ -40,9 +43,6 @@ from job.stage_store import StageStore
 from job.storage import Store
 
 log = logging.getLogger("job.pipeline")
-
-MARKERS = "_stages"
-
 
 @dataclass
 class Stage:
@@ -79,6 +79,32 @@ class Context:
     """A job.platform.StopRequest the train stage polls (SIGTERM -> checkpoint -> exit 75)."""
     ranks: Ranks = SINGLE
     """This process's place in a multi-GPU run; only `ranks.is_main` may write to the store."""
+
+    phases: dict = field(default_factory=dict)
+    """Phase name -> seconds, filled by `timer` and recorded in the stage's marker."""
+    started: float = field(default_factory=time.monotonic)
+
+    @contextmanager
+    def timer(self, phase: str) -> Iterator[None]:
+        """Time the body as one phase of the stage (seconds add up when a phase runs twice)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[phase] = round(self.phases.get(phase, 0.0) + time.monotonic() - t0, 3)
+
+    def seconds(self, phase: str) -> float:
+        """A finished phase's seconds (for the stage's metrics), rounded for people."""
+        return round(self.phases.get(phase, 0.0), 2)
+
+    def elapsed(self) -> float:
+        """Seconds since the stage started."""
+        return round(time.monotonic() - self.started, 2)
+
+    @property
+    def work_root(self) -> Path:
+        """The job's work folder on this machine, which holds every stage's `work_dir` (job/layout.py)."""
+        return self.work_dir.parent
 
 
 @dataclass
@@ -135,15 +161,15 @@ class Pipeline:
 
     # -- markers -------------------------------------------------------------------------------
 
-    def marker(self, name: str, suffix: str = "") -> Optional[dict]:
-        path = f"{MARKERS}/{name}{suffix}.json"
+    def marker(self, name: str, started: bool = False) -> Optional[dict]:
+        path = layout.marker(name, started)
         if not self.store.exists(path):
             return None
         return read_json_object(self.store, path, name, text_keys=("fingerprint",),
                                 remedy="to redo the stage (and the stages after it)")
 
-    def _write_marker(self, name: str, record: dict, suffix: str = "") -> None:
-        self.store.write_text(f"{MARKERS}/{name}{suffix}.json", json.dumps(record, indent=2, default=str) + "\n")
+    def _write_marker(self, name: str, record: dict, started: bool = False) -> None:
+        self.store.write_text(layout.marker(name, started), json.dumps(record, indent=2, default=str) + "\n")
 
     # -- status --------------------------------------------------------------------------------
 
@@ -174,7 +200,7 @@ class Pipeline:
         unknown = [k for k, v in current.items() if v is None]
         if unknown:
             recorded = {}
-            for record in (self.marker(stage.name), self.marker(stage.name, ".started")):
+            for record in (self.marker(stage.name), self.marker(stage.name, started=True)):
                 if record is not None and stage.name not in self.forced:
                     recorded = record.get("inputs") or {}
                     break
@@ -186,7 +212,7 @@ class Pipeline:
         if stage.name in self.forced:
             return Status(stage.name, "pending", "forced", fp)
         done = self.marker(stage.name)
-        started = self.marker(stage.name, ".started")
+        started = self.marker(stage.name, started=True)
         for record, what in ((done, "finished"), (started, "partial")):
             if record is None:
                 continue
@@ -277,7 +303,7 @@ class Pipeline:
         """Ranks other than 0: run the all-ranks stage rank 0 announced (`RankProtocol.wait` calls this
         for each word). Rank 0 alone decides, checks and writes markers; this rank only runs the stage."""
         stage = self.stages[word["stage"]]
-        work_dir = self.work_dir / stage.name
+        work_dir = layout.stage_work_dir(self.work_dir, stage.name)
         work_dir.mkdir(parents=True, exist_ok=True)
         log.info("stage %s: running on %s (fingerprint %s)", stage.name, self.ranks, word["fingerprint"])
         ctx = Context(store=StageStore(self.store, hidden=tuple(word.get("hidden", ()))), work_dir=work_dir,
@@ -290,33 +316,33 @@ class Pipeline:
         """Delete the results of the forced stage and every stage after it: all markers first (a crash
         mid-way leaves no marker claiming a result that is half gone), then the outputs."""
         names = [n for n in self.forced  # exists(), not marker(): a damaged marker is what --force repairs
-                 if self.store.exists(f"{MARKERS}/{n}.json") or self.store.exists(f"{MARKERS}/{n}.started.json")]
+                 if self.store.exists(layout.marker(n)) or self.store.exists(layout.marker(n, started=True))]
         if not names:
             return
         log.info("forced: clearing the earlier results of %s (%s)", ", ".join(names),
                  ", ".join(o for n in names for o in self.stages[n].outputs))
         for name in names:
-            self.store.delete(f"{MARKERS}/{name}.json")
+            self.store.delete(layout.marker(name))
         for name in names:
             for output in self.stages[name].outputs:
                 self.store.delete(output)
-            self.store.delete(f"{MARKERS}/{name}.started.json")
+            self.store.delete(layout.marker(name, started=True))
 
-    def _begin_writing(self, stage: Stage, started: dict) -> None:
+    def _begin_writing(self, stage: Stage, started_record: dict) -> None:
         """Called once, at the stage's first write into the run: its inputs were read and checked."""
         if not self._config_recorded:
             # The run folder describes the settings its results are made with: written only now, never
             # by a run that was refused or failed on its input.
-            self.store.write_text("config.yaml", to_yaml(self.cfg))
+            self.store.write_text(layout.CONFIG, to_yaml(self.cfg))
             self._config_recorded = True
         if stage.name in self.forced:
             self._clear_forced()
             self.forced = ()
             previous = None
         else:
-            previous = self.marker(stage.name, ".started")
-        if previous is None or previous.get("fingerprint") != started["fingerprint"]:
-            self._write_marker(stage.name, started, ".started")
+            previous = self.marker(stage.name, started=True)
+        if previous is None or previous.get("fingerprint") != started_record["fingerprint"]:
+            self._write_marker(stage.name, started_record, started=True)
 
     def _run_stage(self, stage: Stage, upstream_markers: dict) -> dict:
         upstream = {n: m["fingerprint"] for n, m in upstream_markers.items()}
@@ -326,10 +352,10 @@ class Pipeline:
                   "config": flat_config(self.cfg, stage.config_keys, stage.ignore)}
         if inputs:
             record["inputs"] = inputs
-        work_dir = self.work_dir / stage.name
+        work_dir = layout.stage_work_dir(self.work_dir, stage.name)
         work_dir.mkdir(parents=True, exist_ok=True)
         log.info("stage %s: running (fingerprint %s)", stage.name, fp)
-        t0, started_at = time.monotonic(), _now()
+        t0, started_at = time.monotonic(), utc_timestamp()
         # A forced stage must not read its own old outputs (train would resume from old checkpoints).
         hidden = stage.outputs if stage.name in self.forced else ()
         store = StageStore(self.store, lambda: self._begin_writing(stage, {**record, "started_at": started_at}),
@@ -340,8 +366,8 @@ class Pipeline:
         with announce({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers, "hidden": list(hidden)}):
             metrics = stage.run(self.cfg, ctx) or {}
         store._commit()  # a stage that wrote nothing still replaces what a forced run cleared
-        record.update(started_at=started_at, finished_at=_now(),
-                      seconds=round(time.monotonic() - t0, 3), metrics=metrics)
+        record.update(started_at=started_at, finished_at=utc_timestamp(),
+                      seconds=round(time.monotonic() - t0, 3), phases=ctx.phases, metrics=metrics)
         self._write_marker(stage.name, record)  # last: the marker is the proof of completion
         log.info("stage %s: done in %.1f s", stage.name, record["seconds"])
         return record
@@ -357,7 +383,3 @@ def _free_gpu_memory() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from job import hub
-from job.config import Config, load_config
+from job.config import Config, StorageConfig, load_config
+from job.dtypes import pick_dtype
 from job.errors import InputError
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.platform import cache_dir
@@ -37,21 +38,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 # loading
 
 
-def inference_dtype():
-    """bf16 on a GPU that has it (else fp16); fp32 on CPU, where bf16 matmuls are very slow."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_model(model_dir: Path, adapter_dir: Optional[Path], cfg: Config, dtype=None):
     """A model for generation: the folder as is (merged or base), or base + adapter (not merged)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype or inference_dtype(), "attn_implementation": attn_implementation(cfg)}
+    kwargs = {"dtype": dtype or pick_dtype("auto", "inference")[0], "attn_implementation": attn_implementation(cfg)}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
@@ -75,7 +67,7 @@ def load_inference_tokenizer(folder: Path, uri: str):
     return tokenizer
 
 
-def fetch_adapter(uri: str, cfg: Config, storage_opts: dict) -> Path:
+def fetch_adapter(uri: str, cfg: Config) -> Path:
     """A local folder with the adapter at `uri`: the folder itself, or a cached download."""
     if hub.is_hf_uri(uri):  # an adapter repo on the Hugging Face Hub: its json and safetensors files
         path = hub.fetch_model(uri, cache_dir(cfg), max_attempts=cfg.storage.max_attempts, key="--adapter")
@@ -90,7 +82,7 @@ def fetch_adapter(uri: str, cfg: Config, storage_opts: dict) -> Path:
     target = cache_dir(cfg) / "adapters" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    open_store(uri, **storage_opts).download_dir("", partial)  # small: always fetched fresh
+    open_store(uri, cfg.storage).download_dir("", partial)  # small: always fetched fresh
     if not (partial / ADAPTER_CONFIG).is_file():
         raise InputError(f"--adapter {uri}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
     shutil.rmtree(target, ignore_errors=True)
@@ -196,13 +188,13 @@ def predict_config(config_file: Optional[str], assignments: tuple, model_uri: st
     return load_config(config_file, tuple(assignments) + (f"model.uri={model_uri}",), environ=environ)
 
 
-def read_inputs(sentences: tuple, input_file: Optional[str], column: str, storage_opts: dict) -> list[str]:
+def read_inputs(sentences: tuple, input_file: Optional[str], column: str, storage: StorageConfig) -> list[str]:
     """Sentences from the arguments, then from --input: a .csv (one column) or text, one a line ('-': stdin)."""
     inputs = [s.strip() for s in sentences]
     if any(not s for s in inputs):
         raise InputError("job predict: an empty SENTENCE argument was given")
     if input_file:
-        text = _read_input_file(input_file, storage_opts)
+        text = _read_input_file(input_file, storage)
         if input_file.lower().endswith(".csv"):
             found = _csv_column(text, input_file, column)
         else:
@@ -216,14 +208,14 @@ def read_inputs(sentences: tuple, input_file: Optional[str], column: str, storag
     return inputs
 
 
-def _read_input_file(input_file: str, storage_opts: dict) -> str:
+def _read_input_file(input_file: str, storage: StorageConfig) -> str:
     import sys
 
     if input_file == "-":
         data = sys.stdin.buffer.read()  # bytes: a text read would crash on the first byte that is not UTF-8
     elif is_s3(input_file):
         parent, name = split_uri(input_file)
-        data = open_store(parent, **storage_opts).read_bytes(name)
+        data = open_store(parent, storage).read_bytes(name)
     else:
         try:
             data = Path(input_file).expanduser().read_bytes()
@@ -260,14 +252,11 @@ def _csv_column(text: str, name: str, column: str) -> list[str]:
 def predict(cfg: Config, model_uri: str, adapter_uri: Optional[str], inputs: list[str],
             max_new_tokens: int, batch_size: int) -> Iterator[dict]:
     """One {"input", "negation", "raw", "valid"} per input, in input order."""
-    from job.stages import storage_options
-
-    opts = storage_options(cfg)
     local = not is_s3(model_uri) and not model_uri.startswith("gguf:") and not hub.is_hf_uri(model_uri)
     if local and not Path(model_uri.removeprefix("file://")).expanduser().is_dir():
         raise InputError(f"--model {model_uri}: no such folder (give a Hugging Face model folder, e.g. a run's merged/)")
-    model_dir = fetch_model(model_uri, cfg, opts)
-    adapter_dir = fetch_adapter(adapter_uri, cfg, opts) if adapter_uri else None
+    model_dir = fetch_model(model_uri, cfg)
+    adapter_dir = fetch_adapter(adapter_uri, cfg) if adapter_uri else None
     has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_inference_tokenizer(adapter_dir if has_tokenizer else model_dir, model_uri)
     model = load_model(model_dir, adapter_dir, cfg)

@@ -76,7 +76,6 @@ def read_rows(cfg: Config, work_dir: Path, columns: list[str]) -> pd.DataFrame:
 def fetch_file(cfg: Config, work_dir: Path) -> Path:
     """A local path to data.uri: the file itself, or a verified download of the s3:// object."""
     from job.storage import is_s3, open_store, split_uri
-    from job.stages import storage_options
 
     uri = cfg.data.uri
     if not is_s3(uri):
@@ -86,7 +85,7 @@ def fetch_file(cfg: Config, work_dir: Path) -> Path:
         return path
     parent, name = split_uri(uri)
     local = work_dir / ("input" + "".join(re.findall(r"\.[A-Za-z0-9]+$", name)))  # input.csv, input.parquet
-    open_store(parent, **storage_options(cfg)).download_file(name, local)
+    open_store(parent, cfg.storage).download_file(name, local)
     return local
 
 

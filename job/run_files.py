@@ -61,7 +61,7 @@ def read_jsonl(store: Store, rel: str, made_by: str, keys: tuple[str, ...] = (),
 def check_adapter(folder: Path, uri: str) -> None:
     """A downloaded adapter/ folder is what train saved: a damaged one exits 2 naming the file and the
     way out, instead of failing deep inside peft."""
-    from job.model import safetensors_problem
+    from job.model_files import safetensors_problem
 
     problems = []
     try:

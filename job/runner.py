@@ -11,14 +11,14 @@ from job.errors import InputError
 from job.lease import lease_for
 from job.pipeline import Pipeline
 from job.platform import StopRequest, detect, work_dir
-from job.stages import all_stages, storage_options
+from job.stages import all_stages
 from job.storage import LocalStore, open_store
 
 log = logging.getLogger("job")
 
 
 def pipeline_for(cfg: Config, stop=None, ranks: Ranks = SINGLE) -> Pipeline:
-    store = open_store(cfg.run_uri, **storage_options(cfg))
+    store = open_store(cfg.run_uri, cfg.storage)
     if isinstance(store, LocalStore) and store.root.exists() and not store.root.is_dir():
         # Else the lease would fail to create _lease.json inside it with a puzzling "File exists".
         raise InputError(f"run_uri {cfg.run_uri} is a file, not a folder: point run_uri at a folder (it is "

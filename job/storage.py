@@ -24,16 +24,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 import boto3
 import botocore.client
 import botocore.config
 import botocore.exceptions
-from botocore.retries import standard as botocore_retries
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
+from botocore.retries import standard as botocore_retries
 
+from job.config import StorageConfig
 from job.errors import InputError, MissingObject, StorageError
 
 # Temp files of interrupted local writes end like this; `list` skips them, as S3 hides unfinished uploads.
@@ -578,13 +579,14 @@ def _use_job_retries(client: botocore.client.BaseClient, max_attempts: int) -> N
     client.meta.events.register(f"needs-retry.{service}", handler.needs_retry, unique_id=unique_id)
 
 
-def open_store(uri: str, *, endpoint_url: str | None = None, max_attempts: int = 10,
-               max_concurrency: int = 8, multipart_chunk_mb: int = 64, access_key_id: str | None = None,
-               secret_access_key: str | None = None, session_token: str | None = None) -> Store:
-    """A store rooted at `uri`: a local folder (path or file://...) or s3://bucket/prefix.
+def open_store(uri: str, settings: Optional[StorageConfig] = None) -> Store:
+    """A store rooted at `uri`: a local folder (path or file://...) or s3://bucket/prefix, with the
+    config's storage section (endpoint, retries, concurrency, part size; defaults when None).
 
-    Credentials come from boto3's usual chain (environment, profile, IRSA, instance role) unless
-    given here (the config's storage.access_key_id etc., for S3-compatible stores without roles)."""
+    Credentials come from boto3's usual chain (environment, profile, IRSA, instance role) unless the
+    settings hold them (storage.access_key_id etc., for S3-compatible stores without roles)."""
+    s = settings if settings is not None else StorageConfig()
+    endpoint_url, max_attempts, max_concurrency = s.endpoint_url or None, s.max_attempts, s.max_concurrency
     if not is_s3(uri):
         return LocalStore(uri.removeprefix("file://"), max_concurrency)
     bucket, _, prefix = uri[len("s3://"):].partition("/")
@@ -599,12 +601,12 @@ def open_store(uri: str, *, endpoint_url: str | None = None, max_attempts: int =
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
     # A session per store: boto3's default session is a shared global and not thread-safe.
-    session = boto3.session.Session(aws_access_key_id=access_key_id or None,
-                                    aws_secret_access_key=secret_access_key or None,
-                                    aws_session_token=session_token or None)
+    session = boto3.session.Session(aws_access_key_id=s.access_key_id or None,
+                                    aws_secret_access_key=s.secret_access_key or None,
+                                    aws_session_token=s.session_token or None)
     client = session.client("s3", endpoint_url=endpoint_url or None, config=config)
     _use_job_retries(client, max_attempts)
-    chunk = multipart_chunk_mb * MIB
+    chunk = s.multipart_chunk_mb * MIB
     transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
                               max_concurrency=max_concurrency, use_threads=True)
     return S3Store(bucket, prefix, client, transfer, max_attempts, max_concurrency)

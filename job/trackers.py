@@ -17,8 +17,9 @@ import json
 import logging
 import os
 
+from job.layout import TRACKER_STATE
+
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
-STATE = "checkpoints/trackers.json"  # cleared with the checkpoints when training starts over (--force train)
 
 
 def requested(report_to) -> list[str]:
@@ -91,7 +92,7 @@ def run_id_for(ctx) -> str:
 
 def _stored(store) -> dict:
     try:
-        return json.loads(store.read_text(STATE)) if store.exists(STATE) else {}
+        return json.loads(store.read_text(TRACKER_STATE)) if store.exists(TRACKER_STATE) else {}
     except (ValueError, OSError):
         return {}
 
@@ -138,6 +139,6 @@ def _record_mlflow_run(store, log) -> bool:
         return False
     state = _stored(store)
     if state.get("mlflow_run_id") != run.info.run_id:
-        store.write_text(STATE, json.dumps({**state, "mlflow_run_id": run.info.run_id}, indent=2) + "\n")
+        store.write_text(TRACKER_STATE, json.dumps({**state, "mlflow_run_id": run.info.run_id}, indent=2) + "\n")
         log.info("train: MLflow run %s", run.info.run_id)
     return True

@@ -25,6 +25,7 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
+from job.config import StorageConfig
 from job.errors import EXIT_BAD_INPUT, EXIT_LOCKED, ConfigError, RunLocked, StorageError
 from job.lease import LEASE, Lease
 from job.storage import open_store
@@ -53,7 +54,7 @@ def atomic_moto(monkeypatch):
 
 
 def store_of(root, endpoint):
-    return open_store(root, endpoint_url=endpoint)
+    return open_store(root, StorageConfig(endpoint_url=endpoint))
 
 
 def write_run_file(root, endpoint, rel, text):

@@ -34,9 +34,10 @@ class TrainedRun:
     def seed(self, root: str, endpoint) -> None:
         """Copy the finished format + train results to `root` (a folder or s3://bucket/prefix)."""
         if root.startswith("s3://"):
+            from job.config import StorageConfig
             from job.storage import open_store
 
-            open_store(root, endpoint_url=endpoint).upload_dir(self.run_dir, "")
+            open_store(root, StorageConfig(endpoint_url=endpoint)).upload_dir(self.run_dir, "")
         else:
             shutil.copytree(self.run_dir, root)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from job.config import load_config
+from job.config import StorageConfig, load_config
 from job.errors import ConfigError, InputError, StaleStageError
 from job.pipeline import Pipeline, Stage
 from job.storage import open_store
@@ -28,7 +28,7 @@ def make_pipeline(root, endpoint, tmp_path, calls, *sets, fail_in=None, reject_i
                     outputs=("adapter",)),
               Stage("merge", stage("merge", "merged"), ("merge",), needs=("train",), outputs=("merged",),
                     enabled=lambda c: c.merge.enabled, disabled_reason="merge.enabled: false")]
-    return Pipeline(stages, cfg, open_store(root, endpoint_url=endpoint), tmp_path / "work")
+    return Pipeline(stages, cfg, open_store(root, StorageConfig(endpoint_url=endpoint)), tmp_path / "work")
 
 
 def states(pipeline):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from job.config import PromptConfig
+from job.config import PromptConfig, StorageConfig
 from job.prompts import parse_response
 from tests.helpers import job_env, put_file, read_jsonl, run_job
 from tests.test_merge import trained_run  # noqa: F401 - fixture
@@ -41,7 +41,7 @@ def test_predict_csv_column_from_s3(trained_run, s3_bucket, tmp_path):  # noqa: 
     endpoint, bucket = s3_bucket
     from job.storage import open_store
 
-    store = open_store(f"s3://{bucket}", endpoint_url=endpoint)
+    store = open_store(f"s3://{bucket}", StorageConfig(endpoint_url=endpoint))
     store.upload_dir(trained_run.model_dir, "base")
     store.upload_dir(trained_run.run_dir / "adapter", "run/adapter")
     csv_file = tmp_path / "pairs.csv"

@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from job.config import StorageConfig
 from job.errors import EXIT_BAD_INPUT, InputError, StorageError
 from job.storage import TEMP_SUFFIX, LocalStore, S3Store, is_s3, open_store, redact_uri, split_uri, verify_download
 from tests.s3server import backend_root, make_bucket
@@ -52,14 +53,14 @@ def s3_bucket(s3_endpoint):
 
 def test_open_store_picks_backend_and_names_uris(store_root):
     root, endpoint = store_root
-    store = open_store(root, endpoint_url=endpoint)
+    store = open_store(root, StorageConfig(endpoint_url=endpoint))
     assert isinstance(store, S3Store if is_s3(root) else LocalStore)
     assert store.uri == root
     assert store.uri_of("") == root and store.uri_of("a/b.txt") == f"{root}/a/b.txt"
 
 
 def test_text_and_bytes_round_trip(store_root):
-    store = open_store(store_root[0], endpoint_url=store_root[1])
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1]))
     store.write_text("notes/ünïcode.txt", TEXT)
     assert store.read_text("notes/ünïcode.txt") == TEXT
     blob = bytes(range(256)) * 10
@@ -72,7 +73,7 @@ def test_text_and_bytes_round_trip(store_root):
 
 
 def test_exists_and_exists_dir(store_root):
-    store = open_store(store_root[0], endpoint_url=store_root[1])
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1]))
     assert not store.exists("a/b/c.txt") and not store.exists_dir("a") and not store.exists_dir("")
     store.write_text("a/b/c.txt", "x")
     assert store.exists("a/b/c.txt")
@@ -82,7 +83,7 @@ def test_exists_and_exists_dir(store_root):
 
 
 def test_list_is_recursive_sorted_and_relative(store_root):
-    store = open_store(store_root[0], endpoint_url=store_root[1])
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1]))
     assert store.list() == [] and store.list("nothing/here") == []
     for name in ["z.txt", "a/2.txt", "a/10.txt", "a/b/deep.txt", "ab.txt"]:
         store.write_text(name, name)
@@ -93,7 +94,7 @@ def test_list_is_recursive_sorted_and_relative(store_root):
 
 
 def test_child_is_rooted_at_rel(store_root):
-    store = open_store(store_root[0], endpoint_url=store_root[1])
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1]))
     child = store.child("checkpoints/checkpoint-5")
     assert child.uri == f"{store_root[0]}/checkpoints/checkpoint-5"
     child.write_text("state.json", "{}")
@@ -103,7 +104,7 @@ def test_child_is_rooted_at_rel(store_root):
 
 
 def test_upload_and_download_file(store_root, tmp_path):
-    store = open_store(store_root[0], endpoint_url=store_root[1])
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1]))
     src = tmp_path / "src.txt"
     src.write_text(TEXT, encoding="utf-8")
     store.upload_file(src, "in/data.csv")
@@ -116,7 +117,7 @@ def test_upload_and_download_file(store_root, tmp_path):
 
 def test_large_file_round_trips_in_parallel_parts(store_root, tmp_path, request):
     root, endpoint = store_root
-    store = open_store(root, endpoint_url=endpoint, multipart_chunk_mb=5, max_concurrency=4)
+    store = open_store(root, StorageConfig(endpoint_url=endpoint, multipart_chunk_mb=5, max_concurrency=4))
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 * 1024 * 1024 + 123))
     store.upload_file(big, "model/model.safetensors")
@@ -135,7 +136,7 @@ def test_large_file_round_trips_in_parallel_parts(store_root, tmp_path, request)
 
 
 def test_upload_and_download_dir(store_root, tmp_path):
-    store = open_store(store_root[0], endpoint_url=store_root[1], max_concurrency=3)
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1], max_concurrency=3))
     src = tmp_path / "adapter"
     files = {"adapter_config.json": json.dumps({"r": 64}), "adapter_model.safetensors": "w" * 5000,
              "tokenizer/tokenizer.json": TEXT, "tokenizer/deep/x.txt": "x"}
@@ -152,7 +153,7 @@ def test_upload_and_download_dir(store_root, tmp_path):
 
 
 def test_download_dir_of_nothing_is_missing_object(store_root, tmp_path):
-    store = open_store(store_root[0], endpoint_url=store_root[1])
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1]))
     with pytest.raises(StorageError, match="nothing found under") as info:
         store.download_dir("checkpoints/checkpoint-9", tmp_path / "d")
     assert f"{store_root[0]}/checkpoints/checkpoint-9" in str(info.value)
@@ -160,7 +161,7 @@ def test_download_dir_of_nothing_is_missing_object(store_root, tmp_path):
 
 
 def test_delete_file_and_prefix(store_root):
-    store = open_store(store_root[0], endpoint_url=store_root[1])
+    store = open_store(store_root[0], StorageConfig(endpoint_url=store_root[1]))
     for name in ["run/a.txt", "run/sub/b.txt", "run/sub/c/d.txt", "run2/keep.txt", "run.txt"]:
         store.write_text(name, name)
     store.delete("run/a.txt")
@@ -175,7 +176,7 @@ def test_delete_file_and_prefix(store_root):
 
 def test_missing_object_is_storage_error_naming_the_uri(store_root, tmp_path):
     root, endpoint = store_root
-    store = open_store(root, endpoint_url=endpoint)
+    store = open_store(root, StorageConfig(endpoint_url=endpoint))
     store.write_text("present.txt", "here")  # the bucket or folder exists; only the file is missing
     with pytest.raises(StorageError) as info:
         store.read_text("data/train.jsonl")
@@ -186,7 +187,7 @@ def test_missing_object_is_storage_error_naming_the_uri(store_root, tmp_path):
 
 def test_download_of_missing_object_leaves_nothing_behind(store_root, tmp_path):
     root, endpoint = store_root
-    store = open_store(root, endpoint_url=endpoint)
+    store = open_store(root, StorageConfig(endpoint_url=endpoint))
     store.write_text("present.txt", "here")
     dst_dir = tmp_path / "dl"
     dst_dir.mkdir()
@@ -198,7 +199,7 @@ def test_download_of_missing_object_leaves_nothing_behind(store_root, tmp_path):
 
 def test_writes_leave_no_temp_files(store_root, tmp_path):
     root, endpoint = store_root
-    store = open_store(root, endpoint_url=endpoint)
+    store = open_store(root, StorageConfig(endpoint_url=endpoint))
     for i in range(5):
         store.write_text("_stages/format.json", f'{{"n": {i}}}')
     store.upload_file(__file__, "copy/test_storage.py")
@@ -255,7 +256,7 @@ def test_local_missing_source_and_dotdot(tmp_path):
 # --- S3 only ---------------------------------------------------------------------------------------------
 
 def test_s3_missing_bucket_says_so(s3_endpoint, tmp_path):
-    store = open_store("s3://no-such-bucket-42/run", endpoint_url=s3_endpoint, max_attempts=2)
+    store = open_store("s3://no-such-bucket-42/run", StorageConfig(endpoint_url=s3_endpoint, max_attempts=2))
     calls = [lambda: store.read_text("config.yaml"), lambda: store.write_text("config.yaml", "x"),
              lambda: store.download_file("data.csv", tmp_path / "d.csv"), lambda: store.list(),
              lambda: store.exists_dir("data"), lambda: store.upload_file(__file__, "t.py"),
@@ -283,7 +284,7 @@ def test_s3_access_denied_names_uri_and_hints(moto_server, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     with enable_iam_authentication():  # moto checks IAM policies only while this is on
-        store = open_store(f"s3://{bucket}/secret", endpoint_url=endpoint, max_attempts=2)
+        store = open_store(f"s3://{bucket}/secret", StorageConfig(endpoint_url=endpoint, max_attempts=2))
         assert store.list() == ["data.csv"]
         for call in (lambda: store.read_text("data.csv"), lambda: store.write_text("new.txt", "x")):
             with pytest.raises(StorageError) as info:
@@ -298,7 +299,7 @@ def test_s3_unreachable_endpoint_gives_up_after_retries(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    store = open_store("s3://bucket/run", endpoint_url=endpoint, max_attempts=2)
+    store = open_store("s3://bucket/run", StorageConfig(endpoint_url=endpoint, max_attempts=2))
     started = time.monotonic()
     with pytest.raises(StorageError) as info:
         store.read_text("config.yaml")
@@ -319,7 +320,7 @@ def test_s3_endpoint_from_environment(s3_bucket, monkeypatch):
 
 def test_s3_bucket_root_and_folder_markers(s3_bucket):
     endpoint, bucket = s3_bucket
-    store = open_store(f"s3://{bucket}", endpoint_url=endpoint)
+    store = open_store(f"s3://{bucket}", StorageConfig(endpoint_url=endpoint))
     assert store.uri == f"s3://{bucket}"
     store.write_text("data/train.csv", "x")
     client(endpoint).put_object(Bucket=bucket, Key="data/", Body=b"")  # a console's "folder"
@@ -330,15 +331,15 @@ def test_s3_bucket_root_and_folder_markers(s3_bucket):
 def test_s3_stores_share_one_server_but_not_buckets(s3_endpoint):
     first, second = make_bucket(s3_endpoint), make_bucket(s3_endpoint)
     assert first != second
-    open_store(f"s3://{first}", endpoint_url=s3_endpoint).write_text("a", "1")
-    assert open_store(f"s3://{second}", endpoint_url=s3_endpoint).list() == []
+    open_store(f"s3://{first}", StorageConfig(endpoint_url=s3_endpoint)).write_text("a", "1")
+    assert open_store(f"s3://{second}", StorageConfig(endpoint_url=s3_endpoint)).list() == []
 
 
 def test_conditional_writes_probe_per_implementation(s3_endpoint, request):
     """moto honours If-None-Match / If-Match as S3 does; s3rver ignores them. The probe object is deleted
     either way, and the verdict is cached per endpoint and bucket (no second probe)."""
     bucket = make_bucket(s3_endpoint)
-    store = open_store(f"s3://{bucket}/run", endpoint_url=s3_endpoint)
+    store = open_store(f"s3://{bucket}/run", StorageConfig(endpoint_url=s3_endpoint))
     problem = store.conditional_writes_problem("_lease.probe-1")
     if request.node.callspec.params["s3_endpoint"] == "s3rver":
         assert problem == "a PutObject with If-None-Match: * overwrote an existing object (S3 answers 412)"
@@ -346,7 +347,7 @@ def test_conditional_writes_probe_per_implementation(s3_endpoint, request):
         assert problem is None
     assert store.list() == []
     requests = []
-    again = open_store(f"s3://{bucket}/elsewhere", endpoint_url=s3_endpoint)
+    again = open_store(f"s3://{bucket}/elsewhere", StorageConfig(endpoint_url=s3_endpoint))
     again.client.meta.events.register("before-call.s3", lambda **kw: requests.append(kw["model"].name))
     assert again.conditional_writes_problem("_lease.probe-2") == problem
     assert requests == []
@@ -376,7 +377,7 @@ def test_verify_download_catches_truncation_and_corruption(tmp_path):
 def test_s3_corrupt_transfer_is_retried_then_reported(moto_server):
     from job.storage import _Corrupt
 
-    store = open_store("s3://any/run", endpoint_url=moto_server, max_attempts=2)
+    store = open_store("s3://any/run", StorageConfig(endpoint_url=moto_server, max_attempts=2))
     attempts = []
 
     def flaky():  # a body that arrives truncated once, then whole
@@ -408,9 +409,9 @@ def test_split_uri():
 
 def test_split_uri_feeds_open_store(store_root, tmp_path):
     root, endpoint = store_root
-    open_store(root, endpoint_url=endpoint).write_text("inputs/train.csv", "a,b\n")
+    open_store(root, StorageConfig(endpoint_url=endpoint)).write_text("inputs/train.csv", "a,b\n")
     parent, name = split_uri(f"{root}/inputs/train.csv")
-    open_store(parent, endpoint_url=endpoint).download_file(name, tmp_path / "train.csv")
+    open_store(parent, StorageConfig(endpoint_url=endpoint)).download_file(name, tmp_path / "train.csv")
     assert (tmp_path / "train.csv").read_text() == "a,b\n"
 
 

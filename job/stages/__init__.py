@@ -5,20 +5,11 @@ Stage modules are imported lazily: `job plan` and `job config` must not pay for 
 
 from __future__ import annotations
 
+from job import layout
 from job.config import Config
 from job.hub import is_hf_uri
 from job.input_identity import file_identity
 from job.pipeline import Stage
-
-
-def storage_options(cfg: Config) -> dict:
-    """Keyword arguments for `job.storage.open_store` from the storage section."""
-    s = cfg.storage
-    return {"endpoint_url": s.endpoint_url or None, "max_attempts": s.max_attempts,
-            "max_concurrency": s.max_concurrency, "multipart_chunk_mb": s.multipart_chunk_mb,
-            "access_key_id": s.access_key_id or None, "secret_access_key": s.secret_access_key or None,
-            "session_token": s.session_token or None}
-
 
 # How often to log or checkpoint changes nothing in the adapter: changing them keeps a run resumable.
 OPERATIONAL_TRAIN_KEYS = ("train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints",
@@ -54,28 +45,26 @@ def all_stages() -> list[Stage]:
     return [
         # The CSV's identity (content hash, or ETag and version) is part of format's fingerprint: the same
         # data.uri with other content makes format stale.
-        Stage("format", _lazy("format"), config_keys=("data", "prompt"), outputs=("data",),
+        Stage("format", _lazy("format"), config_keys=("data", "prompt"), outputs=(layout.DATA,),
               inputs=lambda c: {"data.uri": hub_identity(c, c.data.uri) if is_hf_uri(c.data.uri)
-                                else file_identity(c.data.uri, storage_options(c))}),
+                                else file_identity(c.data.uri, c.storage)}),
         # storage settings and cache folders change where bytes travel, not the result: not in the keys.
         Stage("train", _lazy("train"), config_keys=("model.uri", "model.attn_implementation", "train"),
-              ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=("adapter", "checkpoints", "tensorboard"),
+              ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=(layout.ADAPTER, layout.CHECKPOINTS, layout.TENSORBOARD),
               # hf://ORG/NAME@branch: the commit it names now (a moved branch makes train stale); {} otherwise
               inputs=lambda c: {"model.uri": hub_identity(c, c.model.uri)} if is_hf_uri(c.model.uri) else {},
               all_ranks=True),  # data-parallel: every GPU process of a multi-GPU run trains
         # The merged weights depend on the adapter (train) and merge.dtype only.
         Stage("merge", _lazy("merge"), config_keys=("merge",), ignore=OPERATIONAL_MERGE_KEYS, needs=("train",),
-              outputs=("merged",), enabled=lambda c: c.merge.enabled, disabled_reason="merge.enabled: false"),
+              outputs=(layout.MERGED,), enabled=lambda c: c.merge.enabled, disabled_reason="merge.enabled: false"),
         # GGUF files from merged/ (off by default). How strictly they are checked leaves the files as they are.
         Stage("export", _lazy("export"), config_keys=("export",), ignore=OPERATIONAL_EXPORT_KEYS, needs=("merge",),
-              outputs=("export",), enabled=lambda c: c.export.enabled and c.merge.enabled,
+              outputs=(layout.EXPORT,), enabled=lambda c: c.export.enabled and c.merge.enabled,
               disabled_reason="export.enabled: false"),
         # Reads merged/ (or adapter/ when merge is disabled) and data/eval.jsonl (format, via train); the
         # report shows the export check when the export is enabled.
         Stage("evaluate", _lazy("evaluate"), config_keys=("evaluate",), ignore=OPERATIONAL_EVALUATE_KEYS,
-              needs=("train", "merge", "export"), outputs=("report",), enabled=lambda c: c.evaluate.enabled,
+              needs=("train", "merge", "export"), outputs=(layout.REPORT,), enabled=lambda c: c.evaluate.enabled,
               disabled_reason="evaluate.enabled: false"),
     ]
 
-
-STAGE_NAMES = ("format", "train", "merge", "export", "evaluate")

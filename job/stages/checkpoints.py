@@ -21,15 +21,13 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from job import distributed
+from job.clock import utc_timestamp
 from job.distributed import SINGLE, Ranks
 from job.errors import InputError
-from job.model import safetensors_problem
+from job.layout import CHECKPOINTS, LATEST, TENSORBOARD
+from job.model_files import safetensors_problem
 from job.run_files import read_json_object
 from job.storage import Store
-
-PREFIX = "checkpoints"
-LATEST = f"{PREFIX}/LATEST"
-TENSORBOARD = "tensorboard"
 
 
 @dataclass
@@ -69,12 +67,12 @@ def _download_resume_point(store: Store, fingerprint: str, local_root: Path, log
         return None
     latest = _read_latest(store)
     if latest.get("fingerprint") != fingerprint:
-        log.warning("checkpoints/LATEST was made with other settings (fingerprint %s, now %s): starting over",
-                    latest.get("fingerprint"), fingerprint)
+        log.warning("%s was made with other settings (fingerprint %s, now %s): starting over",
+                    LATEST, latest.get("fingerprint"), fingerprint)
         return None
     t0 = time.monotonic()
     name, local, state = _download_usable_checkpoint(store, latest, local_root, log)
-    log.info("resuming from %s (step %d), downloaded in %.1f s", store.uri_of(f"{PREFIX}/{name}"),
+    log.info("resuming from %s (step %d), downloaded in %.1f s", store.uri_of(f"{CHECKPOINTS}/{name}"),
              state["global_step"], time.monotonic() - t0)
     return ResumePoint(step=int(state["global_step"]), path=local, tokens_seen=int(state.get("num_input_tokens_seen", 0)),
                        settings=latest.get("settings", {}), processes=int(latest.get("processes", 1)))
@@ -105,29 +103,29 @@ def _download_usable_checkpoint(store: Store, latest: dict, local_root: Path,
     checkpoint in storage that is complete; InputError (exit 2) when none is."""
     name = latest["checkpoint"]
     listed = set(latest.get("files", []))
-    older = sorted({p.split("/", 1)[0] for p in store.list(PREFIX) if p.startswith("checkpoint-")},
+    older = sorted({p.split("/", 1)[0] for p in store.list(CHECKPOINTS) if p.startswith("checkpoint-")},
                    key=_step_of, reverse=True)
     problems = []
     for candidate in [name] + [n for n in older if _step_of(n) < _step_of(name)]:
         # Every checkpoint of a run holds the files LATEST lists, but for the RNG states (one per GPU).
         required = listed if candidate == name else {f for f in listed if not f.startswith("rng_state")}
-        files = set(store.list(f"{PREFIX}/{candidate}"))
+        files = set(store.list(f"{CHECKPOINTS}/{candidate}"))
         problem = ("no files" if not files else
                    f"missing {', '.join(sorted(required - files))}" if required - files else None)
         local = local_root / candidate
         if problem is None:
-            store.download_dir(f"{PREFIX}/{candidate}", local)
+            store.download_dir(f"{CHECKPOINTS}/{candidate}", local)
             problem = checkpoint_problem(local, _step_of(candidate))
         if problem is None:
             if problems:
                 log.warning("%s: resuming from the older checkpoint %s instead; the steps after it are trained "
-                            "again", problems[0], store.uri_of(f"{PREFIX}/{candidate}"))
+                            "again", problems[0], store.uri_of(f"{CHECKPOINTS}/{candidate}"))
             return candidate, local, json.loads((local / "trainer_state.json").read_text())
-        problems.append(f"checkpoint {store.uri_of(f'{PREFIX}/{candidate}')} is unusable ({problem})")
+        problems.append(f"checkpoint {store.uri_of(f'{CHECKPOINTS}/{candidate}')} is unusable ({problem})")
         shutil.rmtree(local, ignore_errors=True)
     raise InputError(f"cannot resume training from {store.uri_of(LATEST)}: {'; '.join(problems)}, and no older "
                      "checkpoint is complete. Rerun with --force train to start training over (this deletes "
-                     "checkpoints/), or restore the checkpoint's files")
+                     f"{CHECKPOINTS}/), or restore the checkpoint's files")
 
 
 def _step_of(name: str) -> int:
@@ -223,12 +221,12 @@ class CheckpointSync(TrainerCallback):
 
     def _upload(self, folder: Path, step: int) -> None:
         t0 = time.monotonic()
-        rel = f"{PREFIX}/{folder.name}"
+        rel = f"{CHECKPOINTS}/{folder.name}"
         self.store.delete(rel)  # leftovers of an interrupted upload of the same step
         files = self.store.upload_dir(folder, rel)
         latest = {"checkpoint": folder.name, "step": step, "fingerprint": self.fingerprint, "files": sorted(files),
                   "settings": self.settings, "processes": self.ranks.world_size,
-                  "uploaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "uploaded_at": utc_timestamp()}
         self.store.write_text(LATEST, json.dumps(latest, indent=2) + "\n")  # last: publishes the checkpoint
         self.last_uploaded_step, self.last_uploaded_at = step, time.monotonic()
         self.uploaded_steps.append(step)
@@ -238,10 +236,10 @@ class CheckpointSync(TrainerCallback):
 
     def _prune(self, newest: Path) -> None:
         """Keep the newest `keep` checkpoints in storage and only the newest one locally."""
-        remote = sorted({p.split("/", 1)[0] for p in self.store.list(PREFIX) if p.startswith("checkpoint-")},
+        remote = sorted({p.split("/", 1)[0] for p in self.store.list(CHECKPOINTS) if p.startswith("checkpoint-")},
                         key=lambda n: int(n.rsplit("-", 1)[1]))
         for name in remote[: max(0, len(remote) - self.keep)]:
-            self.store.delete(f"{PREFIX}/{name}")
+            self.store.delete(f"{CHECKPOINTS}/{name}")
         for local in newest.parent.glob("checkpoint-*"):
             if local != newest and int(local.name.rsplit("-", 1)[1]) < int(newest.name.rsplit("-", 1)[1]):
                 shutil.rmtree(local, ignore_errors=True)

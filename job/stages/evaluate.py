@@ -12,73 +12,58 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-import time
 from pathlib import Path
 
 import job
+from job.clock import utc_timestamp
 from job.config import Config, section_digest
-from job.errors import ConfigError, InputError
-from job.model import check_model_folder, fetch_model
-from job.predict import generate, inference_dtype, load_inference_tokenizer, load_model
+from job.dtypes import dtype_name, pick_dtype
+from job.errors import InputError
+from job.layout import ADAPTER, EVAL_DATA, MERGED, REPORT, STATS
+from job.model import fetch_model
+from job.predict import generate, load_inference_tokenizer, load_model
+from job.report import (
+    export_summary,
+    merge_summary,
+    parse_all,
+    plot_loss,
+    prediction_rows,
+    render_markdown,
+    score,
+    train_summary,
+)
 from job.run_files import check_adapter, read_json_object, read_jsonl
-from job.report import export_summary, merge_summary, parse_all, plot_loss, prediction_rows, render_markdown, score, train_summary
-from job.stages import storage_options
+from job.stages.merged import merged_folder
 from job.storage import redact_uri
-
-EVAL_DATA, STATS = "data/eval.jsonl", "data/stats.json"
-REPORT = "report"
 
 
 def run(cfg: Config, ctx) -> dict:
+    """eval rows -> the fine-tuned model generates (then the base, for comparison) -> parse and score ->
+    report/."""
     import torch
 
-    t_start = time.monotonic()
     e = cfg.evaluate
-    records = read_jsonl(ctx.store, EVAL_DATA, "format", keys=("prompt", "source", "target"), allow_empty=True)
-    if not records:
-        raise InputError(f"{EVAL_DATA} has no rows (data.eval_size is {cfg.data.eval_size}): nothing to evaluate. "
-                         "Set data.eval_size above 0, or evaluate.enabled: false")
-    available = len(records)
-    if e.max_examples is not None and e.max_examples < 1:
-        raise ConfigError(f"evaluate.max_examples: must be positive or null (all rows), got {e.max_examples}")
-    if e.do_sample and e.temperature <= 0:
-        raise ConfigError(f"evaluate.temperature: must be above 0 when sampling, got {e.temperature}")
-    if e.max_examples is not None:
-        records = records[:e.max_examples]  # eval rows are already a seeded random sample
+    records, available = eval_rows(cfg, ctx)
     prompts = [r["prompt"] for r in records]
-    dtype = inference_dtype()
+    dtype, dtype_reason = pick_dtype("auto", "inference")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ctx.log.info("evaluate: %d of %d eval rows, %s, at most %d new tokens, batches of %d, %s on %s",
+    ctx.log.info("evaluate: %d of %d eval rows, %s, at most %d new tokens, batches of %d, %s (%s) on %s",
                  len(records), available, "sampling" if e.do_sample else "greedy", e.max_new_tokens,
-                 e.batch_size, str(dtype).removeprefix("torch."), device)
+                 e.batch_size, dtype_name(dtype), dtype_reason, device)
 
-    model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
-    merge_marker = ctx.upstream.get("merge")
-    if merge_marker is not None:
-        folder = merged_folder(ctx, merge_marker)
-        model, tokenizer = load_model(folder, None, cfg, dtype), load_inference_tokenizer(folder, "merged/")
-        described = "merged/ (the merged model)"
-    else:
-        adapter = ctx.work_dir / "adapter"
-        shutil.rmtree(adapter, ignore_errors=True)
-        ctx.store.download_dir("adapter", adapter)
-        check_adapter(adapter, ctx.store.uri_of("adapter"))
-        model = load_model(model_dir, adapter, cfg, dtype)
-        tokenizer = load_inference_tokenizer(adapter, "adapter/")
-        described = "the base model with adapter/ applied (merge disabled)"
-
+    model_dir = fetch_model(cfg.model.uri, cfg)
     outputs, scores = {}, {}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the merge stage may have run in this process
-    for name in ("finetuned", "base"):
-        if name == "base":
-            if not e.compare_base:
-                break
-            model = load_model(model_dir, None, cfg, dtype)
-            tokenizer = load_inference_tokenizer(model_dir, cfg.model.uri)
+    for name in ("finetuned", "base") if e.compare_base else ("finetuned",):
+        if name == "finetuned":
+            model, tokenizer, described = finetuned_model(cfg, ctx, model_dir, dtype)
+        else:
+            model, tokenizer = load_model(model_dir, None, cfg, dtype), load_inference_tokenizer(model_dir, cfg.model.uri)
         ctx.log.info("evaluate: generating with the %s model", "fine-tuned" if name == "finetuned" else "base")
-        generations, stats = generate(model, tokenizer, prompts, e.max_new_tokens, e.batch_size, e.do_sample,
-                                      e.temperature, cfg.data.seed, progress=ctx.log)
+        with ctx.timer(f"generate_{name}"):
+            generations, stats = generate(model, tokenizer, prompts, e.max_new_tokens, e.batch_size, e.do_sample,
+                                          e.temperature, cfg.data.seed, progress=ctx.log)
         parsed = parse_all(generations, cfg.prompt)
         outputs[name] = (generations, parsed)
         scores[name] = score(records, generations, parsed, stats)
@@ -87,34 +72,49 @@ def run(cfg: Config, ctx) -> dict:
         ctx.log.info("evaluate: %s: %s", name, {k: scores[name][k] for k in (
             "json_valid_rate", "schema_valid_rate", "copy_rate", "eos_stop_rate", "chrf", "tokens_per_s")})
         del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        release_memory(device)
 
     rows = prediction_rows(records, outputs)
     report = build_report(cfg, ctx, records, scores, described, dtype, device, available)
     files = write_report(ctx, report, rows)
     ctx.log.info("evaluate: wrote %s", ", ".join(files))
     return {"n_examples": report["n_examples"], "finetuned": scores["finetuned"], "base": scores.get("base"),
-            "files": files, "stage_seconds": round(time.monotonic() - t_start, 1)}
+            "files": files, "stage_seconds": round(ctx.elapsed(), 1)}
 
 
-def merged_folder(ctx, merge_marker: dict) -> Path:
-    """merged/ on local disk: the merge stage's own folder when it ran here for this very result (no
-    13 GB download for a 7B), else a fresh download from the run."""
-    local = ctx.work_dir.parent / "merge"
-    stamp = local / "merged.fingerprint"
-    if stamp.is_file() and stamp.read_text().strip() == merge_marker["fingerprint"] and (local / "merged").is_dir():
-        return local / "merged"
-    target = ctx.work_dir / "merged"
-    shutil.rmtree(target, ignore_errors=True)
-    ctx.log.info("%s: downloading merged/ from the run (the merge ran elsewhere or earlier)", ctx.log.name.rpartition(".")[2])
-    ctx.store.download_dir("merged", target)
-    # A merged/ changed after the merge (a truncated shard, a missing file) ends in exit 2, not a traceback.
-    check_model_folder(target, redact_uri(ctx.store.uri_of("merged")), what="merged/",
-                       remedy="rerun with --force merge to write it again (and redo the stages after it)")
-    return target
+def eval_rows(cfg: Config, ctx) -> tuple[list[dict], int]:
+    """(the rows to evaluate, how many the run holds): data/eval.jsonl, at most evaluate.max_examples."""
+    records = read_jsonl(ctx.store, EVAL_DATA, "format", keys=("prompt", "source", "target"), allow_empty=True)
+    if not records:
+        raise InputError(f"{EVAL_DATA} has no rows (data.eval_size is {cfg.data.eval_size}): nothing to evaluate. "
+                         "Set data.eval_size above 0, or evaluate.enabled: false")
+    if cfg.evaluate.max_examples is not None:
+        return records[:cfg.evaluate.max_examples], len(records)  # eval rows are already a seeded random sample
+    return records, len(records)
+
+
+def finetuned_model(cfg: Config, ctx, model_dir: Path, dtype) -> tuple[object, object, str]:
+    """(model, tokenizer, what it is): merged/ when the merge ran, else the base with adapter/ applied."""
+    merge_marker = ctx.upstream.get("merge")
+    if merge_marker is not None:
+        folder = merged_folder(ctx, merge_marker)
+        return (load_model(folder, None, cfg, dtype), load_inference_tokenizer(folder, f"{MERGED}/"),
+                f"{MERGED}/ (the merged model)")
+    adapter = ctx.work_dir / ADAPTER
+    shutil.rmtree(adapter, ignore_errors=True)
+    ctx.store.download_dir(ADAPTER, adapter)
+    check_adapter(adapter, ctx.store.uri_of(ADAPTER))
+    return (load_model(model_dir, adapter, cfg, dtype), load_inference_tokenizer(adapter, f"{ADAPTER}/"),
+            f"the base model with {ADAPTER}/ applied (merge disabled)")
+
+
+def release_memory(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def build_report(cfg: Config, ctx, records, scores, described, dtype, device, available) -> dict:
@@ -133,7 +133,7 @@ def build_report(cfg: Config, ctx, records, scores, described, dtype, device, av
         "data": stats,
         "generation": {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "do_sample": e.do_sample,
                        "temperature": e.temperature if e.do_sample else None,
-                       "dtype": str(dtype).removeprefix("torch."), "device": device},
+                       "dtype": dtype_name(dtype), "device": device},
         "normalization": "strip, casefold, collapse whitespace (copy_rate, gold_match_rate)",
         "run_uri": redact_uri(cfg.run_uri),
         "config_digest": section_digest(cfg),
@@ -145,7 +145,7 @@ def build_report(cfg: Config, ctx, records, scores, described, dtype, device, av
                      "merge.enabled": cfg.merge.enabled, "merge.dtype": cfg.merge.dtype,
                      "evaluate.max_new_tokens": e.max_new_tokens, "evaluate.do_sample": e.do_sample},
         "job_version": job.__version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc_timestamp(),
     }
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from job.config import Config
 from job.errors import JobError
+from job.layout import EXPORT
 
-EXPORT = "export"
 AGREEMENT = {"f16": 0.98, "bf16": 0.95, "q8_0": 0.90, "q4_0": 0.50}
 
 
@@ -42,10 +42,9 @@ def run(cfg: Config, ctx) -> dict:
     import torch
 
     from job.export_gguf import inspect_model, write_gguf
-    from job.stages.evaluate import merged_folder
     from job.stages.merge import PeakMemory, check_examples, logits_of
+    from job.stages.merged import merged_folder
 
-    t_start = time.monotonic()
     merged_dir = merged_folder(ctx, ctx.upstream["merge"])
     plan = inspect_model(merged_dir)  # exit 2 here, before anything is written
     ctx.log.info("export: %s (%s, %.0fM parameters, tokenizer %s%s) -> %s", merged_dir, plan.model_type,
@@ -106,7 +105,7 @@ def run(cfg: Config, ctx) -> dict:
             "tokenizer_pre": written["tokenizer_pre"], "add_bos_token": written["add_bos_token"],
             "tied_embeddings": written["tied_embeddings"], "rope_freqs": written["rope_freqs"],
             "n_params": written["n_params"], "check_examples": len(examples),
-            "stage_seconds": round(time.monotonic() - t_start, 2)}
+            "stage_seconds": ctx.elapsed()}
 
 
 def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, min_agreement: float) -> dict:
@@ -172,7 +171,7 @@ def write_modelfile(cfg: Config, out_dir: Path, gguf_file: str, written: dict) -
     if '"""' in template:
         raise JobError('export: the prompt contains """, which an Ollama Modelfile TEMPLATE cannot hold')
     lines = [f"# Ollama: ollama create {cfg.export.name} -f Modelfile && ollama run {cfg.export.name} \"A man plays a guitar.\"",
-             f"# The prompt is the one the model was trained on (job/prompts.py); the answer is JSON, then EOS.",
+             "# The prompt is the one the model was trained on (job/prompts.py); the answer is JSON, then EOS.",
              f"FROM ./{gguf_file}",
              f'TEMPLATE """{template}"""',
              f"PARAMETER stop {json.dumps(written['eos_token'])}",

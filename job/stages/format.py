@@ -19,11 +19,10 @@ import pyarrow.csv as pacsv
 
 from job.config import Config
 from job.errors import InputError
+from job.layout import EVAL_DATA, STATS, TRAIN_DATA
 from job.pipeline import Context
 from job.prompts import RESPONSE_END, build_prompt
 from job.readers import check_field_lengths, read_rows  # every format; plain CSV comes back to read_csv
-
-TRAIN, EVAL, STATS = "data/train.jsonl", "data/eval.jsonl", "data/stats.json"
 
 
 def run(cfg: Config, ctx: Context) -> dict:
@@ -35,8 +34,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     train_text, eval_text = to_jsonl(train, cfg), to_jsonl(evaluation, cfg)
     stats.update(train_rows=len(train), eval_rows=len(evaluation))
 
-    ctx.store.write_text(TRAIN, train_text)
-    ctx.store.write_text(EVAL, eval_text)
+    ctx.store.write_text(TRAIN_DATA, train_text)
+    ctx.store.write_text(EVAL_DATA, eval_text)
     ctx.store.write_text(STATS, json.dumps(stats, indent=2) + "\n")
     ctx.log.info("format: %d rows read, %d kept (%d train, %d eval); dropped %s",
                  stats["rows_read"], stats["rows_kept"], len(train), len(evaluation), stats["dropped"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from job.errors import InputError, JobError
+from job.layout import STATS, TRAIN_DATA
 
 
 @dataclass
@@ -24,7 +25,7 @@ def tokenize_examples(records: list[dict], tokenizer, max_len: int) -> Examples:
     from datasets import Dataset
 
     if not records:
-        raise InputError("data/train.jsonl has no records; check the format stage's data/stats.json")
+        raise InputError(f"{TRAIN_DATA} has no records; check the format stage's {STATS}")
     prompts = tokenizer([r["prompt"] for r in records])["input_ids"]
     completions = tokenizer([r["completion"] for r in records], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id

@@ -27,19 +27,16 @@ import gc
 import json
 import resource
 import shutil
-import struct
-import time
 from pathlib import Path
 
 from job.config import Config, shard_size_bytes
+from job.dtypes import dtype_name, pick_dtype
 from job.errors import JobError
+from job.layout import ADAPTER, EVAL_DATA, MERGED, TRAIN_DATA, local_merged
 from job.model import attn_implementation, fetch_model, load_tokenizer
+from job.model_files import weights_bytes
 from job.run_files import check_adapter, read_jsonl
-from job.stages import storage_options
-
-ADAPTER = "adapter"
-MERGED = "merged"
-EVAL_DATA, TRAIN_DATA = "data/eval.jsonl", "data/train.jsonl"
+from job.stages.merged import forget_local_merged, stamp_local_merged
 
 # Auto tolerance: max |merged - (base+adapter)| over every logit of the check examples, relative to the
 # largest reference logit (logit scales differ by model: about 1 for a random tiny model, 10-40 for a
@@ -55,87 +52,56 @@ RELATIVE_TOLERANCE = {"bfloat16": 0.08, "float16": 0.01, "float32": 1e-4}
 class MergeCheckError(JobError):
     """The merged model does not reproduce base+adapter: it is not saved (exit code 1)."""
 
+    @classmethod
+    def logits_differ(cls, check: dict, dtype: str, examples: int) -> "MergeCheckError":
+        """The refusal for a check over the tolerance, with the likely cause and what to do."""
+        if check["max_logit_diff"] > 0.5 * check["adapter_effect"]:
+            advice = (f"The gap is most of the adapter's own effect: its weight updates are mostly smaller than "
+                      f"{dtype} can represent next to the base weights (typical of an adapter trained for few "
+                      f"steps), so a {dtype} merge would silently drop them. Use merge.dtype=fp32, train "
+                      f"longer, or serve base+adapter (merge.enabled: false).")
+        else:
+            advice = ("If the gap is rounding, raise merge.tolerance or use merge.dtype=fp32; otherwise the adapter "
+                      "does not fit this base model (check model.uri).")
+        return cls(f"merge check failed: the merged model's logits differ from base+adapter by up to "
+                   f"{check['max_logit_diff']:.4g}, over the tolerance {check['tolerance']:.4g} for {dtype} "
+                   f"(logit scale {check['logit_scale']:.3g}, adapter effect {check['adapter_effect']:.3g}, "
+                   f"{check['tokens']} tokens of {examples} examples). {MERGED}/ was not written. " + advice)
+
 
 def run(cfg: Config, ctx) -> dict:
-    import torch
-
-    t_start = time.monotonic()
-    stamp = ctx.work_dir / "merged.fingerprint"
-    stamp.unlink(missing_ok=True)  # written again once merged/ is complete and uploaded
-    model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
-    adapter_dir = ctx.work_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    ctx.store.download_dir(ADAPTER, adapter_dir)
-    check_adapter(adapter_dir, ctx.store.uri_of(ADAPTER))
-    tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir,
-                               cfg.model.uri)
-
-    dtype = merge_dtype(cfg.merge.dtype)
-    model_bytes = weights_bytes(model_dir, torch.tensor([], dtype=dtype).element_size())
-    device, why = choose_device(cfg.merge.device, model_bytes)
-    ctx.log.info("merge: %s model (%.2f GB in %s) on %s (%s)", cfg.model.uri, model_bytes / 1e9,
-                 _name(dtype), device, why)
+    """fetch base and adapter/ -> load base+adapter -> reference logits -> merge -> check -> save and upload."""
+    forget_local_merged(ctx.work_root)  # stamped again once merged/ is complete and uploaded
+    model_dir, adapter_dir, tokenizer = fetch_inputs(cfg, ctx)
+    dtype, model_bytes, device, why = plan_merge(cfg, ctx, model_dir)
 
     from peft import PeftModel  # noqa: F401 - imported before measuring, so the peak is the model's
     from transformers import AutoModelForCausalLM  # noqa: F401
 
     memory = PeakMemory(device)
-    t_load = time.monotonic()
-    model = load_with_adapter(model_dir, adapter_dir, dtype, device, attn_implementation(cfg))
-    load_seconds = time.monotonic() - t_load
-
+    with ctx.timer("load"):
+        model = load_with_adapter(model_dir, adapter_dir, dtype, device, attn_implementation(cfg))
     examples = check_examples(ctx.store, tokenizer, max(1, cfg.merge.check_prompts))
     reference = logits_of(model, examples)
     with model.disable_adapter():
         base_only = logits_of(model, examples)
-
-    t_merge = time.monotonic()
-    merged, merged_layers = merge_in_fp32(model)
-    merge_seconds = time.monotonic() - t_merge
+    with ctx.timer("merge"):
+        merged, merged_layers = merge_in_fp32(model)
     del model
-    after = logits_of(merged, examples)
+    check = compare_logits(reference, logits_of(merged, examples), base_only, dtype, cfg.merge.tolerance)
+    refuse_unless_equal(check, dtype, len(examples), merged_layers, ctx)
 
-    check = compare_logits(reference, after, base_only, dtype, cfg.merge.tolerance)
-    ctx.log.info("merge: %d LoRA layers merged in %.1f s; max logit difference merged vs base+adapter %.3g "
-                 "(tolerance %.3g, logit scale %.3g), the adapter itself moves logits by up to %.3g",
-                 merged_layers, merge_seconds, check["max_logit_diff"], check["tolerance"],
-                 check["logit_scale"], check["adapter_effect"])
-    if not check["max_logit_diff"] <= check["tolerance"]:  # NaN fails too
-        raise MergeCheckError(
-            f"merge check failed: the merged model's logits differ from base+adapter by up to "
-            f"{check['max_logit_diff']:.4g}, over the tolerance {check['tolerance']:.4g} for {_name(dtype)} "
-            f"(logit scale {check['logit_scale']:.3g}, adapter effect {check['adapter_effect']:.3g}, "
-            f"{check['tokens']} tokens of {len(examples)} examples). merged/ was not written. "
-            + (f"The gap is most of the adapter's own effect: its weight updates are mostly smaller than "
-               f"{_name(dtype)} can represent next to the base weights (typical of an adapter trained for few "
-               f"steps), so a {_name(dtype)} merge would silently drop them. Use merge.dtype=fp32, train "
-               f"longer, or serve base+adapter (merge.enabled: false)."
-               if check["max_logit_diff"] > 0.5 * check["adapter_effect"] else
-               f"If the gap is rounding, raise merge.tolerance or use merge.dtype=fp32; otherwise the adapter "
-               f"does not fit this base model (check model.uri)."))
-    if check["adapter_effect"] <= check["tolerance"]:
-        ctx.log.warning("merge: the adapter changes logits by at most %.3g, within the tolerance: it is "
-                        "(nearly) a no-op, so the check cannot tell a wrong merge from a right one",
-                        check["adapter_effect"])
-
-    out_dir = ctx.work_dir / MERGED
-    t_save = time.monotonic()
-    save_merged(merged, tokenizer, out_dir, cfg.merge.max_shard_size)
-    peak = memory.stop()
-    del merged
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the evaluate stage that follows needs the memory
-    ctx.store.delete(MERGED)
-    files = ctx.store.upload_dir(out_dir, MERGED)
-    # Evaluate (same machine, same run) reuses this folder instead of downloading it again.
-    stamp.write_text(ctx.fingerprint)
-    save_seconds = time.monotonic() - t_save
+    with ctx.timer("save_upload"):
+        save_merged(merged, tokenizer, local_merged(ctx.work_root), cfg.merge.max_shard_size)
+        peak = memory.stop()
+        del merged
+        release_memory(device)  # the evaluate stage that follows needs it
+        files = upload_merged(ctx)
     shards = [f for f in files if f.endswith(".safetensors")]
-    ctx.log.info("merge: merged/ written (%d safetensors shards); peak memory %s", len(shards), peak)
+    ctx.log.info("merge: %s/ written (%d safetensors shards); peak memory %s", MERGED, len(shards), peak)
     return {
         **check,
-        "dtype": _name(dtype),
+        "dtype": dtype_name(dtype),
         "device": device,
         "device_reason": why,
         "model_bytes": model_bytes,
@@ -144,44 +110,70 @@ def run(cfg: Config, ctx) -> dict:
         "shards": len(shards),
         "files": files,
         **peak,
-        "load_seconds": round(load_seconds, 2),
-        "merge_seconds": round(merge_seconds, 2),
-        "save_upload_seconds": round(save_seconds, 2),
-        "stage_seconds": round(time.monotonic() - t_start, 2),
+        "load_seconds": ctx.seconds("load"),
+        "merge_seconds": ctx.seconds("merge"),
+        "save_upload_seconds": ctx.seconds("save_upload"),
+        "stage_seconds": ctx.elapsed(),
     }
+
+
+def fetch_inputs(cfg: Config, ctx) -> tuple[Path, Path, object]:
+    """(base model folder, adapter/ downloaded and checked, tokenizer: the adapter's when it has one)."""
+    model_dir = fetch_model(cfg.model.uri, cfg)
+    adapter_dir = ctx.work_dir / ADAPTER
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    ctx.store.download_dir(ADAPTER, adapter_dir)
+    check_adapter(adapter_dir, ctx.store.uri_of(ADAPTER))
+    tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir,
+                               cfg.model.uri)
+    return model_dir, adapter_dir, tokenizer
+
+
+def plan_merge(cfg: Config, ctx, model_dir: Path) -> tuple[object, int, str, str]:
+    """(dtype, the model's bytes in it, device, why that device)."""
+    import torch
+
+    dtype, dtype_reason = pick_dtype(cfg.merge.dtype, "merge")
+    model_bytes = weights_bytes(model_dir, torch.tensor([], dtype=dtype).element_size())
+    device, why = choose_device(cfg.merge.device, model_bytes)
+    ctx.log.info("merge: %s model (%.2f GB in %s, %s) on %s (%s)", cfg.model.uri, model_bytes / 1e9,
+                 dtype_name(dtype), dtype_reason, device, why)
+    return dtype, model_bytes, device, why
+
+
+def refuse_unless_equal(check: dict, dtype, examples: int, merged_layers: int, ctx) -> None:
+    """Log the check; raise MergeCheckError when the merged logits are over the tolerance (NaN too)."""
+    ctx.log.info("merge: %d LoRA layers merged in %.1f s; max logit difference merged vs base+adapter %.3g "
+                 "(tolerance %.3g, logit scale %.3g), the adapter itself moves logits by up to %.3g",
+                 merged_layers, ctx.seconds("merge"), check["max_logit_diff"], check["tolerance"],
+                 check["logit_scale"], check["adapter_effect"])
+    if not check["max_logit_diff"] <= check["tolerance"]:  # NaN fails too
+        raise MergeCheckError.logits_differ(check, dtype_name(dtype), examples)
+    if check["adapter_effect"] <= check["tolerance"]:
+        ctx.log.warning("merge: the adapter changes logits by at most %.3g, within the tolerance: it is "
+                        "(nearly) a no-op, so the check cannot tell a wrong merge from a right one",
+                        check["adapter_effect"])
+
+
+def release_memory(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def upload_merged(ctx) -> list[str]:
+    """Replace the run's merged/ with the local copy, then stamp that copy for evaluate and export on
+    this machine (they reuse it instead of downloading it again)."""
+    ctx.store.delete(MERGED)
+    files = ctx.store.upload_dir(local_merged(ctx.work_root), MERGED)
+    stamp_local_merged(ctx.work_root, ctx.fingerprint)
+    return files
 
 
 # ----------------------------------------------------------------------------------------------
 # setup
-
-
-def merge_dtype(name: str):
-    """16 bits: bf16 where the GPU has it (and on CPU, where it is a storage format), else fp16."""
-    import torch
-
-    if name != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def weights_bytes(model_dir: Path, bytes_per_param: int) -> int:
-    """The model's size at `bytes_per_param`, from the safetensors headers (nothing is loaded)."""
-    total_params = 0
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    for path in files:
-        with open(path, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                total_params += count
-    if not files:  # pytorch_model.bin: assume fp32 on disk
-        total_params = sum(p.stat().st_size for p in Path(model_dir).glob("*.bin")) // 4
-    return total_params * bytes_per_param
 
 
 def choose_device(setting: str, model_bytes: int) -> tuple[str, str]:
@@ -296,12 +288,12 @@ def compare_logits(reference: list, merged: list, base_only: list, dtype, tolera
     effect = max(float((r - b).abs().max()) for r, b in zip(reference, base_only))
     scale = max(float(r.abs().max()) for r in reference)
     agree = torch.cat([(r.argmax(-1) == m.argmax(-1)).float() for r, m in zip(reference, merged)])
-    auto = RELATIVE_TOLERANCE[_name(dtype)] * max(1.0, scale)
+    auto = RELATIVE_TOLERANCE[dtype_name(dtype)] * max(1.0, scale)
     return {
         "max_logit_diff": diff,
         "tolerance": tolerance if tolerance > 0 else auto,
         "tolerance_source": "merge.tolerance" if tolerance > 0 else
-                            f"auto: {RELATIVE_TOLERANCE[_name(dtype)]:g} x max(1, logit scale) for {_name(dtype)}",
+                            f"auto: {RELATIVE_TOLERANCE[dtype_name(dtype)]:g} x max(1, logit scale) for {dtype_name(dtype)}",
         "logit_scale": scale,
         "adapter_effect": effect,
         "top1_agreement": float(agree.mean()),
@@ -380,8 +372,4 @@ def _status_kb(field: str):
     except OSError:
         return None
     return None
-
-
-def _name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 

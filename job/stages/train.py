@@ -18,57 +18,85 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from job import distributed, hub
 from job.config import Config
+from job.dtypes import dtype_name, pick_dtype
 from job.errors import InputError, JobError, Preempted
+from job.layout import ADAPTER, CHECKPOINTS, TENSORBOARD, TRAIN_DATA
 from job.liger import apply_liger, choose_liger
-from job.model import compute_dtype, fetch_model, load_tokenizer, training_attention
+from job.model import fetch_model, load_tokenizer, training_attention
 from job.platform import keep_compiled_kernels
 from job.run_files import read_jsonl
-from job.stages import storage_options
-from job.stages.checkpoints import CheckpointSync, find_resume_checkpoint
+from job.stages.checkpoints import CheckpointSync, ResumePoint, find_resume_checkpoint
 from job.stages.labels import check_labels, tokenize_examples
-from job.trackers import tracker_callbacks
 from job.stages.train_checks import check_packing, check_target_modules
+from job.trackers import tracker_callbacks
 
-TRAIN_DATA = "data/train.jsonl"
-ADAPTER = "adapter"
-TENSORBOARD = "tensorboard"
+
+@dataclass
+class TrainingSetup:
+    """What `set_up` prepared: the model, the data, where training resumes and how it is batched."""
+
+    model_dir: Path
+    model_revision: Optional[str]
+    """hf://...: the commit sha it resolved to (None for other model URIs)."""
+    tokenizer: object
+    examples: object
+    """job.stages.labels.Examples: the tokenized dataset and the rows dropped as too long."""
+    dtype: object
+    resume: Optional[ResumePoint]
+    kernels: dict
+    settings: dict
+    """The batch plan (plan_batch), or the one the resumed run started with."""
+    quantized: int
+    trainer: object
+    label_report: dict
 
 
 def run(cfg: Config, ctx) -> dict:
+    """set up (model, data, resume point, batch plan, trainer) -> train -> save and upload the adapter."""
+    keep_compiled_kernels(cfg)
+    with ctx.timer("setup"):
+        setup = set_up(cfg, ctx)
+    train(setup, ctx)
+    stop_if_preempted(setup.trainer, ctx)
+    replicas = check_replicas(setup.trainer.model, ctx.ranks)
+    if not ctx.ranks.is_main:
+        return {}  # rank 0 saves and uploads the adapter and writes the marker
+    with ctx.timer("save"):
+        save_adapter(setup, ctx)
+    return train_metrics(cfg, ctx, setup, replicas)
+
+
+def set_up(cfg: Config, ctx) -> TrainingSetup:
+    """The base model (one download per machine), the tokenized data, the checkpoint to resume from,
+    the kernels and batch plan, the 4-bit model and the trainer, with every check before the first step."""
     import torch
 
-    t_start = time.monotonic()
-    keep_compiled_kernels(cfg)
     ranks = ctx.ranks
     with distributed.local_main_first(ranks):  # one download per machine; the others reuse the cache
-        model_dir = fetch_model(cfg.model.uri, cfg, storage_options(cfg))
-    model_revision = hub.resolved_revision(cfg.model.uri, model_dir)  # hf://...: the commit sha it resolved to
+        model_dir = fetch_model(cfg.model.uri, cfg)
+    model_revision = hub.resolved_revision(cfg.model.uri, model_dir)
     tokenizer = load_tokenizer(model_dir, cfg.model.uri)
     records = read_jsonl(ctx.store, TRAIN_DATA, "format", keys=("prompt", "completion"))
     examples = tokenize_examples(records, tokenizer, cfg.train.max_seq_length)
     ctx.log.info("train: %d examples tokenized, %d dropped as longer than train.max_seq_length=%d",
                  len(examples.dataset), len(examples.dropped_rows), cfg.train.max_seq_length)
 
-    dtype = compute_dtype(cfg.train.compute_dtype)
+    dtype, dtype_reason = pick_dtype(cfg.train.compute_dtype, "train")
     resume = find_resume_checkpoint(ctx.store, ctx.fingerprint, ctx.work_dir / "resume", ctx.log, ranks)
     kernels = choose_kernels(cfg, model_dir)
     ctx.log.info("train: attention %s (%s); Liger kernels %s (%s)", kernels["attention"],
                  kernels["attention_reason"], "on" if kernels["liger"] else "off", kernels["liger_reason"])
-    settings = distributed.broadcast(plan_batch(cfg, examples, model_dir, kernels))  # rank 0's plan, on every GPU
-    if resume is not None and ranks.distributed and resume.processes != ranks.world_size:
-        ctx.log.warning("train: the checkpoint was made by %d processes, this run has %d: the effective batch "
-                        "and the data order change from here on", resume.processes, ranks.world_size)
-    if resume is not None and resume.settings and resume.settings != settings:
-        ctx.log.info("train: keeping the settings the run started with %s (this card would pick %s)",
-                     resume.settings, settings)
-        settings = resume.settings
-    ctx.log.info("train: %s, compute dtype %s, %s", "4-bit NF4 base (QLoRA)" if cfg.train.load_in_4bit
-                 else "16/32-bit base (LoRA)", str(dtype).removeprefix("torch."), settings)
+    settings = batch_settings(cfg, ctx, examples, model_dir, kernels, resume)
+    ctx.log.info("train: %s, compute dtype %s (%s), %s", "4-bit NF4 base (QLoRA)" if cfg.train.load_in_4bit
+                 else "16/32-bit base (LoRA)", dtype_name(dtype), dtype_reason, settings)
     check_packing(settings, [len(ids) for ids in examples.dataset["input_ids"]], cfg.train.max_seq_length)
+
     model = load_base_model(cfg, model_dir, dtype, kernels)
     check_target_modules(model, cfg.train.target_modules, cfg.model.uri)  # before PEFT, before the first step
     quantized = count_4bit_layers(model)
@@ -79,15 +107,38 @@ def run(cfg: Config, ctx) -> dict:
     label_report = check_labels(trainer, tokenizer)
     ctx.log.info("train: label check passed on %d examples (%d supervised tokens, EOS supervised in each)",
                  label_report["examples"], label_report["supervised_tokens"])
-
-    sync = trainer.checkpoint_sync
     if resume is not None:
-        sync.last_uploaded_step = resume.step
+        trainer.checkpoint_sync.last_uploaded_step = resume.step
+    return TrainingSetup(model_dir, model_revision, tokenizer, examples, dtype, resume, kernels, settings,
+                         quantized, trainer, label_report)
+
+
+def batch_settings(cfg: Config, ctx, examples, model_dir: Path, kernels: dict, resume) -> dict:
+    """Rank 0's batch plan on every GPU; a resumed run keeps the plan it started with."""
+    settings = distributed.broadcast(plan_batch(cfg, examples, model_dir, kernels))
+    ranks = ctx.ranks
+    if resume is not None and ranks.distributed and resume.processes != ranks.world_size:
+        ctx.log.warning("train: the checkpoint was made by %d processes, this run has %d: the effective batch "
+                        "and the data order change from here on", resume.processes, ranks.world_size)
+    if resume is not None and resume.settings and resume.settings != settings:
+        ctx.log.info("train: keeping the settings the run started with %s (this card would pick %s)",
+                     resume.settings, settings)
+        settings = resume.settings
+    return settings
+
+
+def train(setup: TrainingSetup, ctx) -> None:
+    """Train from the resume point to the last step (timed as the "train" phase)."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t_train = time.monotonic()
-    finished = finished_state(resume.path) if resume is not None else None
-    if finished is not None:
+    trainer, resume = setup.trainer, setup.resume
+    with ctx.timer("train"):
+        finished = finished_state(resume.path) if resume is not None else None
+        if finished is None:
+            trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+            return
         # LATEST is the last step: the run was killed after it was published, before the train marker
         # (during the adapter upload, say). trainer.train() would still run one more step before it
         # checks max_steps (the adapter would differ from an uninterrupted run's, and gain a step per
@@ -98,34 +149,42 @@ def run(cfg: Config, ctx) -> dict:
         set_peft_model_state_dict(trainer.model, load_file(resume.path / "adapter_model.safetensors"))
         trainer.state = finished
         ctx.log.info("train: checkpoint %d is the last step: nothing left to train", finished.global_step)
-    else:
-        trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
-    train_seconds = time.monotonic() - t_train
 
-    if ctx.stop is not None and ctx.stop.is_set():
-        saved = sync.finish()
-        waited = time.monotonic() - ctx.stop.received_at
-        ctx.log.warning("train: stopped by SIGTERM at step %d; checkpoint uploaded %.1f s after the signal",
-                        trainer.state.global_step, waited)
-        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}: checkpoint "
-                        f"{saved} uploaded {waited:.1f} s after the signal; rerun to resume")
 
-    replicas = check_replicas(trainer.model, ranks)
-    if not ranks.is_main:
-        return {}  # rank 0 saves and uploads the adapter and writes the marker
-    adapter_dir = ctx.work_dir / "adapter"
+def stop_if_preempted(trainer, ctx) -> None:
+    """After SIGTERM the trainer stopped at a step boundary: upload that checkpoint, then exit 75."""
+    if ctx.stop is None or not ctx.stop.is_set():
+        return
+    saved = trainer.checkpoint_sync.finish()
+    waited = time.monotonic() - ctx.stop.received_at
+    ctx.log.warning("train: stopped by SIGTERM at step %d; checkpoint uploaded %.1f s after the signal",
+                    trainer.state.global_step, waited)
+    raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}: checkpoint "
+                    f"{saved} uploaded {waited:.1f} s after the signal; rerun to resume")
+
+
+def save_adapter(setup: TrainingSetup, ctx) -> None:
+    """adapter/ (weights and tokenizer) replaces the run's, after the last checkpoint upload; then the
+    tensorboard logs."""
+    adapter_dir = ctx.work_dir / ADAPTER
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    sync.finish()
+    setup.trainer.model.save_pretrained(adapter_dir)
+    setup.tokenizer.save_pretrained(adapter_dir)
+    setup.trainer.checkpoint_sync.finish()
     ctx.store.delete(ADAPTER)
     ctx.store.upload_dir(adapter_dir, ADAPTER)
-    sync.upload_tensorboard()
+    setup.trainer.checkpoint_sync.upload_tensorboard()
 
-    state = trainer.state
+
+def train_metrics(cfg: Config, ctx, setup: TrainingSetup, replicas: list[str]) -> dict:
+    """The train marker's metrics (README "Run layout"; the report's train section reads them)."""
+    import torch
+
+    state, resume, examples = setup.trainer.state, setup.resume, setup.examples
     losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
     session_tokens = state.num_input_tokens_seen - (resume.tokens_seen if resume else 0)
-    metrics = {
+    train_seconds = ctx.phases.get("train", 0.0)
+    return {
         "steps": state.global_step,
         "resumed_from_step": resume.step if resume else None,
         "examples": len(examples.dataset),
@@ -134,24 +193,23 @@ def run(cfg: Config, ctx) -> dict:
         "tokens_seen": int(state.num_input_tokens_seen),
         "tokens_per_s": round(session_tokens / train_seconds, 1) if train_seconds > 0 else None,
         "train_seconds": round(train_seconds, 1),
-        "stage_seconds": round(time.monotonic() - t_start, 1),
+        "stage_seconds": round(ctx.elapsed(), 1),
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-        "model_revision": model_revision,
+        "model_revision": setup.model_revision,
         "load_in_4bit": cfg.train.load_in_4bit,
-        "quantized_linear_layers": quantized,
+        "quantized_linear_layers": setup.quantized,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "settings": settings,
-        "attention": {"implementation": kernels["attention"], "reason": kernels["attention_reason"]},
-        "liger": {"used": kernels["liger"], "reason": kernels["liger_reason"]},
-        "label_check": label_report,
-        "checkpoints_uploaded": sync.uploaded_steps,
-        "processes": ranks.world_size,
+        "compute_dtype": dtype_name(setup.dtype),
+        "settings": setup.settings,
+        "attention": {"implementation": setup.kernels["attention"], "reason": setup.kernels["attention_reason"]},
+        "liger": {"used": setup.kernels["liger"], "reason": setup.kernels["liger_reason"]},
+        "label_check": setup.label_report,
+        "checkpoints_uploaded": setup.trainer.checkpoint_sync.uploaded_steps,
+        "processes": ctx.ranks.world_size,
         "replica_digests": replicas,
     }
-    return metrics
 
 
 def check_replicas(model, ranks) -> list[str]:
@@ -305,7 +363,7 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     t = cfg.train
     on_cuda = torch.cuda.is_available()
     args = SFTConfig(
-        output_dir=str(ctx.work_dir / "checkpoints"),
+        output_dir=str(ctx.work_dir / CHECKPOINTS),
         per_device_train_batch_size=settings["micro_batch_size"],
         gradient_accumulation_steps=t.gradient_accumulation,
         learning_rate=t.learning_rate,
