@@ -44,7 +44,8 @@ def varlen_unavailable_reason() -> str | None:
         return "no CUDA device (varlen_attn runs on NVIDIA GPUs only)"
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
-        return f"{torch.cuda.get_device_name()} is compute capability {major}.{minor}; varlen_attn needs 8.0 (A100) or newer"
+        return (f"{torch.cuda.get_device_name()} is compute capability {major}.{minor}; "
+                "varlen_attn needs 8.0 (A100) or newer")
     return None
 
 
@@ -155,7 +156,8 @@ def choose_training_attention(requested: str, packing: bool) -> tuple[str, str]:
 
     Raises ValueError (a configuration problem) for an explicit "varlen" that cannot run here."""
     if requested == NAME:
-        problem = varlen_unavailable_reason() or (None if packing else "train.packing is false (varlen needs packed batches)")
+        problem = varlen_unavailable_reason() or (
+            None if packing else "train.packing is false (varlen needs packed batches)")
         if problem:
             raise ValueError(f"model.attn_implementation: varlen cannot run here: {problem}; "
                              "use auto or sdpa")

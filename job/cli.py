@@ -23,7 +23,8 @@ def config_options(fn):
     fn = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                       help="Override one key, e.g. --set train.learning_rate=1e-4 (repeatable).")(fn)
     fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-                      help="YAML config file (sections: data, prompt, model, storage, train, merge, export, evaluate).")(fn)
+                      help="YAML config file (sections: data, prompt, model, storage, train, merge, export, "
+                           "evaluate).")(fn)
     return fn
 
 

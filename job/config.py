@@ -52,9 +52,11 @@ class DataConfig:
     """The CSV to learn from and how its rows become prompt/completion records."""
 
     uri: str = ""
-    """The data: a .csv, .tsv, .jsonl/.json (JSON lines) or .parquet file, optionally .gz or .zst, as a local path or s3://bucket/key; or a Hub dataset hf://datasets/ORG/NAME[@REVISION] (its Parquet files). Required."""
+    """The data: a .csv, .tsv, .jsonl/.json (JSON lines) or .parquet file, optionally .gz or .zst, as a local path or
+    s3://bucket/key; or a Hub dataset hf://datasets/ORG/NAME[@REVISION] (its Parquet files). Required."""
     format: str = choice("auto", ("auto", "csv", "tsv", "jsonl", "parquet"))
-    """auto (from data.uri's extension), csv, tsv, jsonl or parquet: overrides the extension (compression still comes from .gz/.zst)."""
+    """auto (from data.uri's extension), csv, tsv, jsonl or parquet: overrides the extension (compression still comes
+    from .gz/.zst)."""
     split: str = "train"
     """Which split of an hf://datasets/... repo to read (train, validation, test, ...)."""
     label_column: str = "gold_label"
@@ -99,11 +101,14 @@ class ModelConfig:
     """The base model: a Hugging Face model folder (config, safetensors weights, tokenizer)."""
 
     uri: str = ""
-    """Hugging Face model folder: local path, s3://bucket/prefix, hf://ORG/NAME[@REVISION] (Hugging Face Hub; token from HF_TOKEN) or gguf:... Required."""
+    """Hugging Face model folder: local path, s3://bucket/prefix, hf://ORG/NAME[@REVISION] (Hugging Face Hub; token
+    from HF_TOKEN) or gguf:... Required."""
     cache_dir: str = ""
     """Where the model is downloaded once and reused on restart. Empty: $JOB_CACHE_DIR or ~/.cache/qlora-job."""
     attn_implementation: str = "auto"
-    """auto, varlen, sdpa, eager, flex_attention, flash_attention_2 ... (auto: training uses varlen, PyTorch's variable-length FlashAttention, on a CUDA GPU with packed batches, else sdpa; inference uses sdpa. flex_attention compiles on first use, see docs/benchmarks.md)."""
+    """auto, varlen, sdpa, eager, flex_attention, flash_attention_2 ... (auto: training uses varlen, PyTorch's
+    variable-length FlashAttention, on a CUDA GPU with packed batches, else sdpa; inference uses sdpa. flex_attention
+    compiles on first use, see docs/benchmarks.md)."""
 
 
 @dataclass
@@ -119,9 +124,13 @@ class StorageConfig:
     multipart_chunk_mb: int = at_least(64, 1)
     """Files above this size go up and down in parts of this size."""
     lease_seconds: int = at_least(120, 3, "it is renewed every third")
-    """Lease on run_uri (_lease.json) that keeps a second job out; renewed every third of this. A second job exits 4 once it sees the holder renew, or takes over when it was not renewed this long (at once on the same machine when the holder's process is gone)."""
+    """Lease on run_uri (_lease.json) that keeps a second job out; renewed every third of this. A second job exits 4
+    once it sees the holder renew, or takes over when it was not renewed this long (at once on the same machine when
+    the holder's process is gone)."""
     lease: bool = True
-    """true: take the lease above (on S3, only if the store honours conditional writes: one that ignores If-None-Match / If-Match is refused with exit 2). false: no lease at all, one writer by convention (a warning at start): for such stores."""
+    """true: take the lease above (on S3, only if the store honours conditional writes: one that ignores
+    If-None-Match / If-Match is refused with exit 2). false: no lease at all, one writer by convention (a warning at
+    start): for such stores."""
     access_key_id: str = secret("", "Access key; prefer the AWS_* environment variables or a role.")
     secret_access_key: str = secret("", "Secret key; prefer the AWS_* environment variables or a role.")
     session_token: str = secret("", "Session token, if the key is temporary.")
@@ -146,7 +155,8 @@ class TrainConfig:
     lora_dropout: float = 0.1
     """Dropout on the LoRA input."""
     target_modules: Union[str, list] = "all-linear"
-    """LoRA targets: "all-linear" or a list of module names such as [q_proj, v_proj]; each must match a module of the model (checked when it loads)."""
+    """LoRA targets: "all-linear" or a list of module names such as [q_proj, v_proj]; each must match a module of the
+    model (checked when it loads)."""
     learning_rate: float = 2e-4
     """Peak learning rate of the LoRA weights."""
     lr_scheduler: str = "cosine"
@@ -176,13 +186,17 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, str] = "auto"
     """Recompute activations to save memory ("auto": from free GPU memory)."""
     liger: Union[bool, str] = "auto"
-    """Liger kernels for RoPE, RMSNorm and SwiGLU (package liger-kernel, in the image and the `gpu` extra): auto uses them on CUDA when installed and the architecture is supported; true requires them (exit 2 if they cannot be used); false: off."""
+    """Liger kernels for RoPE, RMSNorm and SwiGLU (package liger-kernel, in the image and the `gpu` extra): auto uses
+    them on CUDA when installed and the architecture is supported; true requires them (exit 2 if they cannot be
+    used); false: off."""
     seed: int = 42
     """Seed for LoRA initialisation, shuffling and dropout."""
     logging_steps: int = at_least(10, 1)
     """Log loss and learning rate every N steps (also into the trackers and the loss curve)."""
     report_to: Union[str, list] = "tensorboard"
-    """Experiment trackers: none, tensorboard (event files uploaded to tensorboard/), mlflow, wandb, or a list such as [tensorboard, mlflow]. Settings come from their environment variables (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE, ...); a failing tracker only warns."""
+    """Experiment trackers: none, tensorboard (event files uploaded to tensorboard/), mlflow, wandb, or a list such
+    as [tensorboard, mlflow]. Settings come from their environment variables (MLFLOW_TRACKING_URI, WANDB_API_KEY,
+    WANDB_MODE, ...); a failing tracker only warns."""
     checkpoint_every_steps: int = at_least(100, 0)
     """Save and upload a checkpoint every N optimizer steps (0: off)."""
     checkpoint_every_minutes: float = at_least(30.0, 0)
@@ -227,7 +241,8 @@ class ExportConfig:
     name: str = "model"
     """File name stem: export/<name>.<type>.gguf."""
     check_prompts: int = at_least(4, 0, "0 skips the read-back check")
-    """Eval examples each GGUF is read back on (transformers' GGUF loader) and compared to merged/; 0 skips the check."""
+    """Eval examples each GGUF is read back on (transformers' GGUF loader) and compared to merged/; 0 skips the
+    check."""
     min_agreement: float = 0.0
     """Least share of positions where the GGUF's top token equals merged/'s; 0 picks one per type
     (f16 0.98, bf16 0.95, q8_0 0.9, q4_0 0.5)."""
@@ -668,10 +683,10 @@ def _check_run_values(cfg: Config) -> list[str]:
     elif t.lr_scheduler not in SCHEDULERS:
         problems.append(f"train.lr_scheduler: must be one of {', '.join(SCHEDULERS)}, got {t.lr_scheduler!r}")
     if t.optimizer != "auto" and t.optimizer not in OPTIMIZERS:
-        close = [name for name in OPTIMIZERS if name.startswith(t.optimizer[:5])] or ["adamw_torch", "adamw_torch_fused",
-                                                                                   "paged_adamw_8bit", "sgd"]
-        problems.append(f"train.optimizer: must be auto or a transformers optimizer name (e.g. {', '.join(close[:6])}), "
-                        f"got {t.optimizer!r}")
+        close = [name for name in OPTIMIZERS if name.startswith(t.optimizer[:5])] or [
+            "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "sgd"]
+        problems.append(f"train.optimizer: must be auto or a transformers optimizer name "
+                        f"(e.g. {', '.join(close[:6])}), got {t.optimizer!r}")
     if isinstance(t.target_modules, list):
         if not t.target_modules or not all(isinstance(n, str) and n.strip() for n in t.target_modules):
             problems.append(f"train.target_modules: must be \"all-linear\" or a non-empty list of module names "
@@ -702,7 +717,8 @@ def _check_export(cfg: Config) -> list[str]:
     """export.*: known GGUF types, a usable file name, and merge enabled when export is."""
     e, problems = cfg.export, []
     types = ("f16", "bf16", "q8_0", "q4_0")
-    if not isinstance(e.gguf, list) or not e.gguf or any(t not in types for t in e.gguf) or len(set(e.gguf)) < len(e.gguf):
+    if (not isinstance(e.gguf, list) or not e.gguf or any(t not in types for t in e.gguf)
+            or len(set(e.gguf)) < len(e.gguf)):
         problems.append(f"export.gguf: must be a non-empty list of distinct types from {', '.join(types)} "
                         f"(K-quants such as q4_k_m: run llama-quantize on the f16 file), got {e.gguf!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", e.name or ""):

@@ -136,7 +136,8 @@ def _same_uri(key: str, value):
 
 
 def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str], inputs: Optional[dict] = None) -> str:
-    payload = {"config": flat_config(cfg, stage.config_keys, stage.ignore), "upstream": upstream, "version": job.__version__}
+    payload = {"config": flat_config(cfg, stage.config_keys, stage.ignore), "upstream": upstream,
+               "version": job.__version__}
     if inputs:  # absent for stages without outside inputs: their fingerprints stay as they were
         payload["inputs"] = inputs
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

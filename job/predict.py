@@ -254,7 +254,8 @@ def predict(cfg: Config, model_uri: str, adapter_uri: Optional[str], inputs: lis
     """One {"input", "negation", "raw", "valid"} per input, in input order."""
     local = not is_s3(model_uri) and not model_uri.startswith("gguf:") and not hub.is_hf_uri(model_uri)
     if local and not Path(model_uri.removeprefix("file://")).expanduser().is_dir():
-        raise InputError(f"--model {model_uri}: no such folder (give a Hugging Face model folder, e.g. a run's merged/)")
+        raise InputError(f"--model {model_uri}: no such folder "
+                         "(give a Hugging Face model folder, e.g. a run's merged/)")
     model_dir = fetch_model(model_uri, cfg)
     adapter_dir = fetch_adapter(adapter_uri, cfg) if adapter_uri else None
     has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()

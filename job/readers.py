@@ -115,7 +115,8 @@ def read_tsv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
     try:
         table = pacsv.read_csv(io.BytesIO(raw), parse_options=pacsv.ParseOptions(
             delimiter="\t", quote_char=False, invalid_row_handler=lambda row: bad_rows.append(row) or "skip"),
-            convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns},
+            convert_options=pacsv.ConvertOptions(include_columns=columns,
+                                                 column_types={c: pa.string() for c in columns},
                                                  strings_can_be_null=False))
     except pa.ArrowInvalid as exc:
         raise InputError(f"{name}: malformed TSV: {exc}") from None
@@ -135,7 +136,8 @@ def read_jsonl(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
 
     raw = _text_bytes(path, name)
     try:
-        table = pajson.read_json(io.BytesIO(raw), read_options=pajson.ReadOptions(block_size=max(1 << 20, min(len(raw) + 1, 64 << 20))))
+        table = pajson.read_json(io.BytesIO(raw), read_options=pajson.ReadOptions(
+            block_size=max(1 << 20, min(len(raw) + 1, 64 << 20))))
     except pa.ArrowInvalid:
         table = _jsonl_by_line(raw.decode("utf-8"), name, columns)
     return to_text_frame(table, name, columns)
@@ -151,7 +153,8 @@ def _jsonl_by_line(text: str, name: str, columns: list[str]) -> pa.Table:
         except ValueError as exc:
             hint = "; a .json file must hold one object a line (JSON lines), not one array" if number == 1 and \
                 line.lstrip().startswith("[") else ""
-            raise InputError(f"{name}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+            raise InputError(f"{name}: line {number} is not valid JSON "
+                             f"({exc.msg} at column {exc.colno}){hint}") from None
         if not isinstance(record, dict):
             raise InputError(f"{name}: line {number} is a JSON {type(record).__name__}, expected an object "
                              "(one record a line)")
@@ -177,14 +180,16 @@ def read_parquet(paths: list[Path], name: str, columns: list[str]) -> pd.DataFra
         try:
             schema = pq.read_schema(path)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"{name}: {Path(path).name} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+            raise InputError(f"{name}: {Path(path).name} is not a readable Parquet file "
+                             f"({str(exc).splitlines()[0]})") from None
         missing = [c for c in columns if c not in schema.names]
         if missing:
             raise InputError(_missing_message(name, missing, schema.names))
         try:
             tables.append(pq.read_table(path, columns=columns))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"{name}: {Path(path).name}: cannot read the Parquet data ({str(exc).splitlines()[0]})") from None
+            raise InputError(f"{name}: {Path(path).name}: cannot read the Parquet data "
+                             f"({str(exc).splitlines()[0]})") from None
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
     return to_text_frame(table, name, columns)
 
@@ -203,7 +208,8 @@ def read_hub_dataset(cfg: Config, columns: list[str]) -> pd.DataFrame:
     files = sorted(p for p in folder.rglob("*.parquet") if pattern.search(p.relative_to(folder).as_posix()))
     if not files:
         raise InputError(f"data.uri {uri}: no Parquet files for split {split!r} (looked for {split}-*.parquet and "
-                         f"{split}/*.parquet); set data.split to one of the repo's splits (train, validation, test, ...)")
+                         f"{split}/*.parquet); set data.split to one of the repo's splits "
+                         "(train, validation, test, ...)")
     return read_parquet(files, f"{uri} (split {split})", columns)
 
 

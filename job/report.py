@@ -30,7 +30,8 @@ NORMALIZATION = "strip, casefold, collapse whitespace"
 RATE_KEYS = ("json_valid_rate", "schema_valid_rate", "original_match_rate", "copy_rate", "gold_match_rate",
              "eos_stop_rate")
 TABLE = [("json_valid_rate", "valid JSON", "{:.1%}"), ("schema_valid_rate", "schema valid", "{:.1%}"),
-         ("original_match_rate", "echoed input exactly", "{:.1%}"), ("copy_rate", "copied the input (lower is better)", "{:.1%}"),
+         ("original_match_rate", "echoed input exactly", "{:.1%}"),
+         ("copy_rate", "copied the input (lower is better)", "{:.1%}"),
          ("gold_match_rate", "equals the gold sentence", "{:.1%}"), ("eos_stop_rate", "stopped at EOS", "{:.1%}"),
          ("chrf", "chrF vs gold", "{:.1f}"), ("mean_new_tokens", "new tokens per answer", "{:.1f}"),
          ("seconds_per_example", "seconds per example", "{:.3f}"), ("tokens_per_s", "tokens/s", "{:.1f}")]
@@ -146,7 +147,8 @@ def _export_markdown(e: Optional[dict]) -> list[str]:
            + (f" (pre {e['tokenizer_pre']})" if e.get("tokenizer_pre") else "")
            + f", Ollama file `{_fmt(e['modelfile'])}`. Each file read back with transformers on "
            f"{_fmt(e['check_examples'])} eval examples against merged/:", "",
-           "| file | MB | top-token agreement (min) | max logit diff | same tokens | same chat template | peak RSS GB |",
+           "| file | MB | top-token agreement (min) | max logit diff | same tokens | same chat template "
+           "| peak RSS GB |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for f in e["files"].values():
         c = f.get("check") or {}
@@ -201,8 +203,10 @@ def render_markdown(report: dict, rows: list[dict]) -> str:
 
     g = report["generation"]
     out += ["", "## Metrics", "",
-            f"{report['n_examples']} examples; {'sampling at temperature ' + str(g['temperature']) if g['do_sample'] else 'greedy'}, "
-            f"at most {g['max_new_tokens']} new tokens, batches of {g['batch_size']}, {g['dtype']} on {g['device']}.", ""]
+            f"{report['n_examples']} examples; "
+            f"{'sampling at temperature ' + str(g['temperature']) if g['do_sample'] else 'greedy'}, "
+            f"at most {g['max_new_tokens']} new tokens, batches of {g['batch_size']}, "
+            f"{g['dtype']} on {g['device']}.", ""]
     header = "| metric | base | fine-tuned |" if base else "| metric | fine-tuned |"
     out += [header, "| --- | --- | --- |" if base else "| --- | --- |"]
     for key, label, fmt in TABLE:

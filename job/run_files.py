@@ -36,7 +36,8 @@ def read_json_object(store: Store, rel: str, made_by: str, text_keys: tuple[str,
     return value
 
 
-def read_jsonl(store: Store, rel: str, made_by: str, keys: tuple[str, ...] = (), allow_empty: bool = False) -> list[dict]:
+def read_jsonl(store: Store, rel: str, made_by: str, keys: tuple[str, ...] = (),
+               allow_empty: bool = False) -> list[dict]:
     """Every record of a JSON Lines file; each must be an object holding `keys`."""
     try:
         text = store.read_text(rel)

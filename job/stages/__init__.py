@@ -50,7 +50,8 @@ def all_stages() -> list[Stage]:
                                 else file_identity(c.data.uri, c.storage)}),
         # storage settings and cache folders change where bytes travel, not the result: not in the keys.
         Stage("train", _lazy("train"), config_keys=("model.uri", "model.attn_implementation", "train"),
-              ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",), outputs=(layout.ADAPTER, layout.CHECKPOINTS, layout.TENSORBOARD),
+              ignore=OPERATIONAL_TRAIN_KEYS, needs=("format",),
+              outputs=(layout.ADAPTER, layout.CHECKPOINTS, layout.TENSORBOARD),
               # hf://ORG/NAME@branch: the commit it names now (a moved branch makes train stale); {} otherwise
               inputs=lambda c: {"model.uri": hub_identity(c, c.model.uri)} if is_hf_uri(c.model.uri) else {},
               all_ranks=True),  # data-parallel: every GPU process of a multi-GPU run trains

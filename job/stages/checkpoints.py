@@ -62,7 +62,8 @@ def find_resume_checkpoint(store: Store, fingerprint: str, local_root: Path, log
     return ResumePoint(**{**fields, "path": Path(fields["path"])})
 
 
-def _download_resume_point(store: Store, fingerprint: str, local_root: Path, log: logging.Logger) -> Optional[ResumePoint]:
+def _download_resume_point(store: Store, fingerprint: str, local_root: Path,
+                           log: logging.Logger) -> Optional[ResumePoint]:
     if not store.exists(LATEST):
         return None
     latest = _read_latest(store)
@@ -74,7 +75,8 @@ def _download_resume_point(store: Store, fingerprint: str, local_root: Path, log
     name, local, state = _download_usable_checkpoint(store, latest, local_root, log)
     log.info("resuming from %s (step %d), downloaded in %.1f s", store.uri_of(f"{CHECKPOINTS}/{name}"),
              state["global_step"], time.monotonic() - t0)
-    return ResumePoint(step=int(state["global_step"]), path=local, tokens_seen=int(state.get("num_input_tokens_seen", 0)),
+    return ResumePoint(step=int(state["global_step"]), path=local,
+                       tokens_seen=int(state.get("num_input_tokens_seen", 0)),
                        settings=latest.get("settings", {}), processes=int(latest.get("processes", 1)))
 
 
@@ -175,11 +177,13 @@ class CheckpointSync(TrainerCallback):
         self.ranks = ranks
         self.every_seconds = every_minutes * 60
         self.stop, self.tensorboard_dir, self.log = stop, tensorboard_dir, log
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload") if background else None
+        self.executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+                         if background else None)
         self.pending: list[Future] = []
         self.last_save = time.monotonic()
         self.last_uploaded_step: Optional[int] = None
-        self.last_uploaded_at: Optional[float] = None  # time.monotonic() of the last upload; progress lines show its age
+        # time.monotonic() of the last upload; progress lines show its age
+        self.last_uploaded_at: Optional[float] = None
         self.uploaded_steps: list[int] = []
 
     # -- trainer events ------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def run(cfg: Config, ctx) -> dict:
         if name == "finetuned":
             model, tokenizer, described = finetuned_model(cfg, ctx, model_dir, dtype)
         else:
-            model, tokenizer = load_model(model_dir, None, cfg, dtype), load_inference_tokenizer(model_dir, cfg.model.uri)
+            model, tokenizer = (load_model(model_dir, None, cfg, dtype),
+                                load_inference_tokenizer(model_dir, cfg.model.uri))
         ctx.log.info("evaluate: generating with the %s model", "fine-tuned" if name == "finetuned" else "base")
         with ctx.timer(f"generate_{name}"):
             generations, stats = generate(model, tokenizer, prompts, e.max_new_tokens, e.batch_size, e.do_sample,
@@ -137,7 +138,8 @@ def build_report(cfg: Config, ctx, records, scores, described, dtype, device, av
         "normalization": "strip, casefold, collapse whitespace (copy_rate, gold_match_rate)",
         "run_uri": redact_uri(cfg.run_uri),
         "config_digest": section_digest(cfg),
-        "fingerprints": {**{name: m.get("fingerprint") for name, m in ctx.upstream.items()}, "evaluate": ctx.fingerprint},
+        "fingerprints": {**{name: m.get("fingerprint") for name, m in ctx.upstream.items()},
+                         "evaluate": ctx.fingerprint},
         "settings": {"model.uri": redact_uri(cfg.model.uri), "data.uri": redact_uri(cfg.data.uri),
                      "train.load_in_4bit": t.load_in_4bit, "train.lora_r": t.lora_r, "train.lora_alpha": t.lora_alpha,
                      "train.lora_dropout": t.lora_dropout, "train.target_modules": t.target_modules,

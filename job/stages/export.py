@@ -131,10 +131,12 @@ def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, m
         g_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in examples]
-    same_tokens = all(g_tok(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
+    same_tokens = all(g_tok(t, add_special_tokens=False)["input_ids"]
+                      == tokenizer(t, add_special_tokens=False)["input_ids"]
                       for t in texts)
     same_bos = g_tok("a")["input_ids"] == tokenizer("a")["input_ids"]
-    same_template = (getattr(g_tok, "chat_template", None) or None) == (getattr(tokenizer, "chat_template", None) or None)
+    same_template = ((getattr(g_tok, "chat_template", None) or None)
+                     == (getattr(tokenizer, "chat_template", None) or None))
     logits = logits_of(model, examples)
     del model
     gc.collect()
@@ -170,7 +172,8 @@ def write_modelfile(cfg: Config, out_dir: Path, gguf_file: str, written: dict) -
     template = _go_literal(before) + "{{ .Prompt }}" + _go_literal(after)
     if '"""' in template:
         raise JobError('export: the prompt contains """, which an Ollama Modelfile TEMPLATE cannot hold')
-    lines = [f"# Ollama: ollama create {cfg.export.name} -f Modelfile && ollama run {cfg.export.name} \"A man plays a guitar.\"",
+    lines = [f"# Ollama: ollama create {cfg.export.name} -f Modelfile && "
+             f"ollama run {cfg.export.name} \"A man plays a guitar.\"",
              "# The prompt is the one the model was trained on (job/prompts.py); the answer is JSON, then EOS.",
              f"FROM ./{gguf_file}",
              f'TEMPLATE """{template}"""',

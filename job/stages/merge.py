@@ -293,7 +293,8 @@ def compare_logits(reference: list, merged: list, base_only: list, dtype, tolera
         "max_logit_diff": diff,
         "tolerance": tolerance if tolerance > 0 else auto,
         "tolerance_source": "merge.tolerance" if tolerance > 0 else
-                            f"auto: {RELATIVE_TOLERANCE[dtype_name(dtype)]:g} x max(1, logit scale) for {dtype_name(dtype)}",
+                            f"auto: {RELATIVE_TOLERANCE[dtype_name(dtype)]:g} x max(1, logit scale) "
+                            f"for {dtype_name(dtype)}",
         "logit_scale": scale,
         "adapter_effect": effect,
         "top1_agreement": float(agree.mean()),

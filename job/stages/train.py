@@ -196,7 +196,8 @@ def train_metrics(cfg: Config, ctx, setup: TrainingSetup, replicas: list[str]) -
         "stage_seconds": round(ctx.elapsed(), 1),
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peak_gpu_memory_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                               if torch.cuda.is_available() else None),
         "model_revision": setup.model_revision,
         "load_in_4bit": cfg.train.load_in_4bit,
         "quantized_linear_layers": setup.quantized,
