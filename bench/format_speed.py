@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from job.config import load_config
-from job.stages.format import read_csv, select_rows, split, to_jsonl
+from job.readers import read_csv
+from job.stages.format import select_rows, split, to_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

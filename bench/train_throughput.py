@@ -55,7 +55,8 @@ VARIANTS = {  # named variants of the job recipe
 
 def make_records(n: int) -> list[dict]:
     from job.config import load_config
-    from job.stages.format import read_csv, select_rows, to_jsonl
+    from job.readers import read_csv
+    from job.stages.format import select_rows, to_jsonl
 
     csv = ROOT / "tests" / "data" / "snli_sample.csv"
     cfg = load_config(None, ("run_uri=/tmp/b", f"data.uri={csv}", "model.uri=/m"), environ={})

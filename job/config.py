@@ -752,7 +752,7 @@ def _check_uris(cfg: Config) -> list[str]:
 
 def _check_hub_uri(key: str, value: str) -> list[str]:
     """hf://ORG/NAME[@REV] is a model, hf://datasets/ORG/NAME[@REV] a dataset (job/hub.py fetches them)."""
-    from job.hub import parse_hf_uri
+    from job.hub_uri import parse_hf_uri
 
     try:
         ref = parse_hf_uri(value, key)

@@ -21,47 +21,19 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from job.errors import InputError, StorageError
+from job.hub_uri import SCHEME, HubRef, is_hf_uri, parse_hf_uri  # noqa: F401 - is_hf_uri: the stages ask here
 
 log = logging.getLogger("job.hub")
 
-SCHEME = "hf://"
 # What loading a model needs: config and tokenizer files (json, sentencepiece, tiktoken, BPE merges,
 # chat templates) and safetensors weights. Pickled .bin/.pth weights and the original/ consolidated
 # checkpoint that Llama repos carry (the same weights again) are never fetched.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 MODEL_IGNORE = ["original/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "*.msgpack", "*.h5", "*.onnx*", "*.gguf"]
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_URI = re.compile(rf"hf://(?P<datasets>datasets/)?(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^@\s]+))?/?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-@dataclass(frozen=True)
-class HubRef:
-    repo_id: str
-    repo_type: str  # "model" or "dataset"
-    revision: str | None  # None: the repo's default branch
-
-    @property
-    def uri(self) -> str:
-        kind = "datasets/" if self.repo_type == "dataset" else ""
-        return f"{SCHEME}{kind}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
-
-
-def is_hf_uri(uri: str) -> bool:
-    return uri.startswith(SCHEME)
-
-
-def parse_hf_uri(uri: str, key: str = "model.uri") -> HubRef:
-    match = _URI.fullmatch(uri)
-    if not match:
-        example = "hf://datasets/ORG/NAME[@REVISION]" if uri.startswith(f"{SCHEME}datasets/") else "hf://ORG/NAME[@REVISION]"
-        raise InputError(f"{key}: {uri!r} is not a Hugging Face Hub URI; expected {example}, "
-                         "e.g. hf://meta-llama/Llama-2-7b-hf or hf://datasets/stanfordnlp/snli@main")
-    return HubRef(match["repo"], "dataset" if match["datasets"] else "model", match["revision"])
 
 
 def hub_cache(cache_root: Path) -> Path:

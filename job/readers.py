@@ -1,4 +1,4 @@
-"""data.uri in any supported format -> the same pandas DataFrame of text columns that format.read_csv gives.
+"""data.uri in any supported format -> the same pandas DataFrame of text columns, whatever the format.
 
 Formats: csv, tsv, jsonl (also .json and .ndjson, one object a line) and parquet, from the extension or
 data.format; .gz and .zst compression from the extension (decompressed with pyarrow's codecs: no extra
@@ -12,6 +12,8 @@ or counted as another label). Every problem names the file and the line, row or 
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
 import json
 import re
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from job.config import Config
 from job.errors import InputError
@@ -59,18 +62,122 @@ def read_rows(cfg: Config, work_dir: Path, columns: list[str]) -> pd.DataFrame:
     if is_hf_uri(uri):
         return read_hub_dataset(cfg, columns)
     fmt, compression = detect(uri, cfg.data.format)
-    from job.stages import format as fmt_stage
-
     path = fetch_file(cfg, work_dir)
     if compression is not None:
         path = decompress(path, compression, uri, work_dir / ("input.decompressed." + fmt))
     if fmt == "csv":
-        return fmt_stage.read_csv(path, uri, columns)
+        return read_csv(path, uri, columns)
     if fmt == "tsv":
         return read_tsv(path, uri, columns)
     if fmt == "jsonl":
         return read_jsonl(path, uri, columns)
     return read_parquet([path], uri, columns)
+
+
+def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
+    """Read the needed columns as text with pyarrow's strict, multi-threaded parser; fail with the
+    file and the row, line or column for anything malformed (pandas' C parser silently fills short
+    rows with empty strings, which would hide a broken file)."""
+    raw = path.read_bytes()
+    if (kind := binary_kind(raw)) is not None:
+        raise InputError(f"{name} is {kind}, not a CSV")
+    if raw.startswith(codecs.BOM_UTF8):  # spreadsheet tools write one
+        raw = raw[len(codecs.BOM_UTF8):]
+    if b"\r" in raw and b"\n" not in raw:
+        # Old Mac line endings (a lone CR ends each line). Quoted newlines stay inside their field.
+        raw = raw.replace(b"\r", b"\n")
+    if not raw.strip():
+        raise InputError(f"{name}: the file is empty; expected a CSV with a header row and data rows")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{name}: line {line} (byte {exc.start}) is not valid UTF-8 "
+                         f"({raw[exc.start:exc.start + 4]!r}); re-save the file as UTF-8") from None
+
+    try:
+        header = next(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise InputError(f"{name}: line 1: the header row is not valid CSV ({exc})") from None
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise InputError(f"{name}: missing column(s) {', '.join(map(repr, missing))}; the file has "
+                         f"{', '.join(map(repr, header))}{_near_misses(missing, header)}. Set data.label_column / "
+                         "data.source_column / data.target_column to the right names")
+
+    bad_rows = []
+    table = None
+    for block_size in (16 << 20, len(raw) + 1):  # a field over 16 MB needs one block for the whole file
+        bad_rows.clear()
+        try:
+            table = pacsv.read_csv(
+                io.BytesIO(raw),
+                read_options=pacsv.ReadOptions(block_size=block_size),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True,
+                                                 invalid_row_handler=lambda row: bad_rows.append(row) or "skip"),
+                convert_options=pacsv.ConvertOptions(include_columns=columns,
+                                                     column_types={c: pa.string() for c in columns},
+                                                     strings_can_be_null=False, quoted_strings_can_be_null=False))
+            break
+        except pa.ArrowInvalid as exc:
+            if "straddling" in str(exc) and block_size != len(raw) + 1:
+                continue
+            raise InputError(f"{name}: malformed CSV: {exc}") from None
+    if bad_rows:
+        row = bad_rows[0]
+        line = first_bad_line(text, row.expected_columns) or "?"
+        kind = "fewer" if row.actual_columns < row.expected_columns else "more"
+        raise InputError(f"{name}: line {line} has {kind} fields than the header ({row.actual_columns} instead of "
+                         f"{row.expected_columns}): {row.text[:80]!r}; {len(bad_rows)} such row(s)")
+    if table.num_rows == 0:
+        raise InputError(f"{name}: has a header but no data rows")
+    frame = table.to_pandas()[columns]
+    check_field_lengths(frame, name, columns, hint="; usually an unclosed quote")
+    return frame
+
+
+# Files people hand over as "the CSV" that are something else: the first bytes tell which.
+MAGIC = ((b"\x1f\x8b", "a gzip file (compressed): decompress it (gunzip)"),
+         (b"\x28\xb5\x2f\xfd", "a zstd file (compressed): decompress it (zstd -d)"),
+         (b"BZh", "a bzip2 file (compressed): decompress it (bunzip2)"),
+         (b"\xfd7zXZ\x00", "an xz file (compressed): decompress it (unxz)"),
+         (b"PAR1", "a Parquet file: export it as CSV"),
+         (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Excel workbook (.xls): save it as CSV UTF-8"),
+         (codecs.BOM_UTF32_LE, "UTF-32 text: re-save it as UTF-8"),
+         (codecs.BOM_UTF32_BE, "UTF-32 text: re-save it as UTF-8"),
+         (codecs.BOM_UTF16_LE, "UTF-16 text (what Excel's \"Unicode Text\" writes): re-save it as UTF-8"),
+         (codecs.BOM_UTF16_BE, "UTF-16 text: re-save it as UTF-8"))
+
+
+def binary_kind(raw: bytes) -> str | None:
+    """What the file is when its first bytes say it is not CSV text, else None."""
+    if raw.startswith(b"PK\x03\x04"):
+        if b"xl/" in raw[:4096] or b"[Content_Types].xml" in raw[:4096]:
+            return "an Excel workbook (.xlsx): save it as CSV UTF-8"
+        return "a zip archive: unzip it and point data.uri at the CSV inside"
+    return next((kind for magic, kind in MAGIC if raw.startswith(magic)), None)
+
+
+def first_bad_line(text: str, expected: int) -> int | None:
+    """The line (1-based, counted, quoted newlines included) where the first record whose field count
+    differs from the header's starts. Only runs when pyarrow reported one (its row number is unknown
+    when values may hold newlines)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    try:
+        for fields in reader:
+            if fields and len(fields) != expected and reader.line_num > 1:
+                return start
+            start = reader.line_num + 1
+    except csv.Error:
+        return start
+    return None
+
+
+def _near_misses(missing: list[str], header: list[str]) -> str:
+    """'; did you mean ' sentence1'?' when a header name differs only in spaces or case."""
+    hints = [h for m in missing for h in header if h != m and h.strip().lower() == m.strip().lower()]
+    return f"; did you mean {' / '.join(map(repr, hints))}? (spaces and case count)" if hints else ""
 
 
 def fetch_file(cfg: Config, work_dir: Path) -> Path:
@@ -104,8 +211,6 @@ def decompress(path: Path, compression: str, name: str, target: Path) -> Path:
 
 def read_tsv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
     """Tab-separated, one record a line, no quoting (as SNLI's own .txt files: quotes are text)."""
-    import pyarrow.csv as pacsv
-
     raw = _text_bytes(path, name)
     header = raw.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8").split("\t")
     missing = [c for c in columns if c not in header]

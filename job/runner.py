@@ -1,4 +1,5 @@
-"""Glue between the CLI and the pipeline: open the run's storage, record the config, run stages."""
+"""Between the CLI and the pipeline: open the run's store, take its lease and run the stages on rank 0;
+the other ranks of a multi-GPU run follow rank 0 (distributed.RankProtocol)."""
 
 from __future__ import annotations
 

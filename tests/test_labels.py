@@ -9,7 +9,8 @@ from job.config import load_config
 from job.errors import InputError
 from job.model import load_tokenizer
 from job.pipeline import Context
-from job.stages.format import read_csv, select_rows, to_jsonl
+from job.readers import read_csv
+from job.stages.format import select_rows, to_jsonl
 from job.stages.labels import LabelCheckError, check_labels, tokenize_examples
 from job.stages.train import build_trainer, load_base_model
 from job.storage import open_store

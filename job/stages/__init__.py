@@ -1,4 +1,4 @@
-"""The four stages, declared in order with what each depends on.
+"""The five stages, declared in order with what each depends on.
 
 Stage modules are imported lazily: `job plan` and `job config` must not pay for importing torch.
 """
