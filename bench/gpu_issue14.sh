@@ -44,7 +44,7 @@ for k in ("json_valid_rate", "schema_valid_rate", "eos_stop_rate", "chrf"):
           new["evaluate"]["metrics"]["finetuned"][k])
 print("format fingerprint same:", old["format"]["fingerprint"] == new["format"]["fingerprint"])
 print("metric keys same:", {s: sorted(old[s]["metrics"]) == sorted(new[s]["metrics"]) for s in old})
-print("new phases:", {s: new[s].get("phases") for s in new})
+print("new phase seconds:", {s: new[s].get("phase_seconds", new[s].get("phases")) for s in new})
 PY
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   (cd "$new" && JOB_CACHE_DIR=/tmp/cache-ddp JOB_EXIT_CODE_FILE=/tmp/ddp-exit torchrun --standalone --nproc-per-node 2 \

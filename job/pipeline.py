@@ -81,7 +81,7 @@ class Context:
     """This process's place in a multi-GPU run; only `ranks.is_main` may write to the store."""
 
     phases: dict = field(default_factory=dict)
-    """Phase name -> seconds, filled by `timer` and recorded in the stage's marker."""
+    """Phase name -> seconds, filled by `timer` and recorded in the stage's marker as `phase_seconds`."""
     started: float = field(default_factory=time.monotonic)
 
     @contextmanager
@@ -368,7 +368,7 @@ class Pipeline:
             metrics = stage.run(self.cfg, ctx) or {}
         store._commit()  # a stage that wrote nothing still replaces what a forced run cleared
         record.update(started_at=started_at, finished_at=utc_timestamp(),
-                      seconds=round(time.monotonic() - t0, 3), phases=ctx.phases, metrics=metrics)
+                      seconds=round(time.monotonic() - t0, 3), phase_seconds=ctx.phases, metrics=metrics)
         self._write_marker(stage.name, record)  # last: the marker is the proof of completion
         log.info("stage %s: done in %.1f s", stage.name, record["seconds"])
         return record

@@ -1,5 +1,7 @@
 """Pipeline skip / stale / force with fake stages, once on a folder and once on moto's S3 server."""
 
+import time
+
 import pytest
 
 from job.config import StorageConfig, load_config
@@ -164,3 +166,24 @@ def test_force_of_a_stage_not_selected_is_refused(store_root, tmp_path):
     p = make_pipeline(root, endpoint, tmp_path, [])
     with pytest.raises(ConfigError, match="--force train: stage train is not among the stages to run"):
         p.run(["format"], force="train")
+
+
+def test_phase_timers_are_recorded_in_the_marker(tmp_path):
+    cfg = load_config(None, (f"run_uri={tmp_path / 'run'}", "data.uri=/d.csv", "model.uri=/m"), environ={})
+
+    def run(cfg, ctx):
+        with ctx.timer("load"):
+            time.sleep(0.05)
+        for _ in range(2):  # a phase that runs twice adds up
+            with ctx.timer("step"):
+                time.sleep(0.02)
+        return {"load_seconds": ctx.seconds("load"), "stage_seconds": ctx.elapsed()}
+
+    p = Pipeline([Stage("format", run, ("data",), outputs=("data",))], cfg, open_store(str(tmp_path / "run")),
+                 tmp_path / "work")
+    marker = p.run()["format"]
+    assert set(marker["phase_seconds"]) == {"load", "step"}
+    assert marker["phase_seconds"]["load"] >= 0.05 and marker["phase_seconds"]["step"] >= 0.04
+    assert marker["metrics"]["load_seconds"] == round(marker["phase_seconds"]["load"], 2)
+    assert marker["metrics"]["stage_seconds"] >= 0.09
+    assert p.marker("format")["phase_seconds"] == marker["phase_seconds"]  # as written to the run
