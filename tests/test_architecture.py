@@ -103,3 +103,11 @@ def test_run_paths_are_named_once_in_layout():
     elsewhere = [spot for path in sorted(JOB.rglob("*.py")) if path.name != "layout.py"
                  for spot in spelled_paths(path, paths)]
     assert elsewhere == []
+
+
+def test_the_cli_knows_the_stages_the_pipeline_runs():
+    """cli.STAGES stays a literal (`job config` and `job plan` must not import the stages' dependencies)."""
+    from job.cli import STAGES
+    from job.stages import all_stages
+
+    assert STAGES == tuple(stage.name for stage in all_stages())
