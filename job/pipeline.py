@@ -38,6 +38,7 @@ from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, RankProtocol, Ranks
 from job.errors import ConfigError, Preempted, StaleStageError
 from job.input_identity import describe
+from job.platform import free_gpu_memory
 from job.run_files import read_json_object
 from job.stage_store import StageStore
 from job.storage import Store
@@ -311,7 +312,7 @@ class Pipeline:
                       fingerprint=word["fingerprint"], upstream=word["upstream"],
                       log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
         stage.run(self.cfg, ctx)
-        _free_gpu_memory()  # this process only waits from here on; rank 0 may merge on a GPU
+        free_gpu_memory()  # this process only waits from here on; rank 0 may merge on a GPU
 
     def _clear_forced(self) -> None:
         """Delete the results of the forced stage and every stage after it: all markers first (a crash
@@ -372,15 +373,3 @@ class Pipeline:
         self._write_marker(stage.name, record)  # last: the marker is the proof of completion
         log.info("stage %s: done in %.1f s", stage.name, record["seconds"])
         return record
-
-
-def _free_gpu_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

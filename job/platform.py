@@ -1,4 +1,5 @@
-"""Where the job runs (SageMaker, Kubernetes, RunPod, local), its local folders, and stop signals."""
+"""Where the job runs (SageMaker, Kubernetes, RunPod, local), its local folders, stop signals, and giving
+memory back between stages."""
 
 from __future__ import annotations
 
@@ -22,6 +23,20 @@ def detect(environ=os.environ) -> str:
     if environ.get("RUNPOD_POD_ID"):
         return "runpod"
     return "local"
+
+
+def free_gpu_memory() -> None:
+    """Collect dropped models and hand the GPU memory PyTorch keeps cached back to the device, for what
+    runs next in this process (the next stage, the next model, another process's merge)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def cache_dir(cfg: Config, environ=os.environ) -> Path:

@@ -9,7 +9,6 @@ unless evaluate.do_sample, stopping at EOS or evaluate.max_new_tokens (job/predi
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from job.dtypes import dtype_name, pick_dtype
 from job.errors import InputError
 from job.layout import ADAPTER, EVAL_DATA, MERGED, REPORT, STATS
 from job.model import fetch_model
+from job.platform import free_gpu_memory
 from job.predict import generate, load_inference_tokenizer, load_model
 from job.report import (
     export_summary,
@@ -73,7 +73,9 @@ def run(cfg: Config, ctx) -> dict:
         ctx.log.info("evaluate: %s: %s", name, {k: scores[name][k] for k in (
             "json_valid_rate", "schema_valid_rate", "copy_rate", "eos_stop_rate", "chrf", "tokens_per_s")})
         del model
-        release_memory(device)
+        free_gpu_memory()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # each model's own peak
 
     rows = prediction_rows(records, outputs)
     report = build_report(cfg, ctx, records, scores, described, dtype, device, available)
@@ -107,15 +109,6 @@ def finetuned_model(cfg: Config, ctx, model_dir: Path, dtype) -> tuple[object, o
     check_adapter(adapter, ctx.store.uri_of(ADAPTER))
     return (load_model(model_dir, adapter, cfg, dtype), load_inference_tokenizer(adapter, f"{ADAPTER}/"),
             f"the base model with {ADAPTER}/ applied (merge disabled)")
-
-
-def release_memory(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def build_report(cfg: Config, ctx, records, scores, described, dtype, device, available) -> dict:

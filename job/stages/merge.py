@@ -23,7 +23,6 @@ Why this way:
 
 from __future__ import annotations
 
-import gc
 import json
 import resource
 import shutil
@@ -35,6 +34,7 @@ from job.errors import JobError
 from job.layout import ADAPTER, EVAL_DATA, MERGED, TRAIN_DATA, local_merged
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.model_files import weights_bytes
+from job.platform import free_gpu_memory
 from job.run_files import check_adapter, read_jsonl
 from job.stages.merged import forget_local_merged, stamp_local_merged
 
@@ -95,7 +95,7 @@ def run(cfg: Config, ctx) -> dict:
         save_merged(merged, tokenizer, local_merged(ctx.work_root), cfg.merge.max_shard_size)
         peak = memory.stop()
         del merged
-        release_memory(device)  # the evaluate stage that follows needs it
+        free_gpu_memory()  # the evaluate stage that follows needs it
         files = upload_merged(ctx)
     shards = [f for f in files if f.endswith(".safetensors")]
     ctx.log.info("merge: %s/ written (%d safetensors shards); peak memory %s", MERGED, len(shards), peak)
@@ -155,14 +155,6 @@ def refuse_unless_equal(check: dict, dtype, examples: int, merged_layers: int, c
                         check["adapter_effect"])
 
 
-def release_memory(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
 def upload_merged(ctx) -> list[str]:
     """Replace the run's merged/ with the local copy, then stamp that copy for evaluate and export on
     this machine (they reuse it instead of downloading it again)."""
@@ -185,8 +177,7 @@ def choose_device(setting: str, model_bytes: int) -> tuple[str, str]:
         if setting == "cuda":
             raise JobError("merge.device=cuda but no CUDA device is visible; use merge.device=auto or cpu")
         return "cpu", "no GPU"
-    gc.collect()
-    torch.cuda.empty_cache()  # memory the train stage left cached in this process is free for us
+    free_gpu_memory()  # memory the train stage left cached in this process is free for us
     free, _total = torch.cuda.mem_get_info()
     # The model, the fp32 adapter and one fp32 weight temporary, activations of the check examples.
     needed = model_bytes * 1.15 + 1.5 * 2**30
