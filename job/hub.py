@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from job.errors import InputError, StorageError
-from job.hub_uri import SCHEME, HubRef, is_hf_uri, parse_hf_uri  # noqa: F401 - is_hf_uri: the stages ask here
+from job.hub_uri import HubRef, is_hf_uri, parse_hf_uri
 
 log = logging.getLogger("job.hub")
 

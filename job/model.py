@@ -12,6 +12,7 @@ from job import hub
 from job.config import Config
 from job.errors import InputError
 from job.gguf import fetch_gguf_model, is_gguf_uri
+from job.hub_uri import is_hf_uri
 from job.model_files import check_model_folder
 from job.platform import cache_dir
 from job.storage import download_space, is_s3, open_store
@@ -32,7 +33,7 @@ def fetch_model(uri: str, cfg: Config) -> Path:
     if is_gguf_uri(uri):
         with download_space(cache_dir(cfg) / "models" / "gguf", uri):  # the conversion writes into the cache
             return fetch_gguf_model(uri, cache_dir(cfg))
-    if hub.is_hf_uri(uri):  # hf://ORG/NAME[@REVISION]: the hub's cache layout under the job's cache
+    if is_hf_uri(uri):  # hf://ORG/NAME[@REVISION]: the hub's cache layout under the job's cache
         path = hub.fetch_model(uri, cache_dir(cfg), max_attempts=cfg.storage.max_attempts)
         check_model_folder(path, uri)
         return path

@@ -24,6 +24,7 @@ from job import hub
 from job.config import Config, StorageConfig, load_config
 from job.dtypes import pick_dtype
 from job.errors import InputError
+from job.hub_uri import is_hf_uri
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.platform import cache_dir
 from job.prompts import build_prompt, parse_response
@@ -69,7 +70,7 @@ def load_inference_tokenizer(folder: Path, uri: str):
 
 def fetch_adapter(uri: str, cfg: Config) -> Path:
     """A local folder with the adapter at `uri`: the folder itself, or a cached download."""
-    if hub.is_hf_uri(uri):  # an adapter repo on the Hugging Face Hub: its json and safetensors files
+    if is_hf_uri(uri):  # an adapter repo on the Hugging Face Hub: its json and safetensors files
         path = hub.fetch_model(uri, cache_dir(cfg), max_attempts=cfg.storage.max_attempts, key="--adapter")
         if not (path / ADAPTER_CONFIG).is_file():
             raise InputError(f"--adapter {uri}: not a PEFT adapter repo (no {ADAPTER_CONFIG})")
@@ -252,7 +253,7 @@ def _csv_column(text: str, name: str, column: str) -> list[str]:
 def predict(cfg: Config, model_uri: str, adapter_uri: Optional[str], inputs: list[str],
             max_new_tokens: int, batch_size: int) -> Iterator[dict]:
     """One {"input", "negation", "raw", "valid"} per input, in input order."""
-    local = not is_s3(model_uri) and not model_uri.startswith("gguf:") and not hub.is_hf_uri(model_uri)
+    local = not is_s3(model_uri) and not model_uri.startswith("gguf:") and not is_hf_uri(model_uri)
     if local and not Path(model_uri.removeprefix("file://")).expanduser().is_dir():
         raise InputError(f"--model {model_uri}: no such folder "
                          "(give a Hugging Face model folder, e.g. a run's merged/)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from job import layout
 from job.config import Config
-from job.hub import is_hf_uri
+from job.hub_uri import is_hf_uri
 from job.input_identity import file_identity
 from job.pipeline import Stage
 
