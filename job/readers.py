@@ -36,7 +36,7 @@ MAX_FIELD_CHARS = 20_000  # a field this long is a broken file (an unclosed quot
 
 def detect(uri: str, override: str = "auto") -> tuple[str, str | None]:
     """(format, compression or None) from the URI's extension; data.format other than auto overrides the format."""
-    from job.hub import is_hf_uri
+    from job.hub_uri import is_hf_uri
 
     if is_hf_uri(uri):
         return "parquet", None
@@ -56,7 +56,7 @@ def detect(uri: str, override: str = "auto") -> tuple[str, str | None]:
 
 def read_rows(cfg: Config, work_dir: Path, columns: list[str]) -> pd.DataFrame:
     """The needed columns of data.uri as text, in file order."""
-    from job.hub import is_hf_uri
+    from job.hub_uri import is_hf_uri
 
     uri = cfg.data.uri
     if is_hf_uri(uri):
@@ -88,12 +88,7 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
         raw = raw.replace(b"\r", b"\n")
     if not raw.strip():
         raise InputError(f"{name}: the file is empty; expected a CSV with a header row and data rows")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise InputError(f"{name}: line {line} (byte {exc.start}) is not valid UTF-8 "
-                         f"({raw[exc.start:exc.start + 4]!r}); re-save the file as UTF-8") from None
+    text = _utf8(raw, name)
 
     try:
         header = next(csv.reader(io.StringIO(text, newline="")))
@@ -101,9 +96,7 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
         raise InputError(f"{name}: line 1: the header row is not valid CSV ({exc})") from None
     missing = [c for c in columns if c not in header]
     if missing:
-        raise InputError(f"{name}: missing column(s) {', '.join(map(repr, missing))}; the file has "
-                         f"{', '.join(map(repr, header))}{_near_misses(missing, header)}. Set data.label_column / "
-                         "data.source_column / data.target_column to the right names")
+        raise InputError(_missing_message(name, missing, header, hint=_near_misses(missing, header)))
 
     bad_rows = []
     table = None
@@ -361,16 +354,22 @@ def _text_bytes(path: Path, name: str) -> bytes:
         raw = raw[3:]
     if not raw.strip():
         raise InputError(f"{name}: the file is empty")
+    _utf8(raw, name)
+    return raw
+
+
+def _utf8(raw: bytes, name: str) -> str:
+    """The text, or bad input naming the line and byte that is not UTF-8."""
     try:
-        raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise InputError(f"{name}: line {line} (byte {exc.start}) is not valid UTF-8 "
                          f"({raw[exc.start:exc.start + 4]!r}); re-save the file as UTF-8") from None
-    return raw
 
 
-def _missing_message(name: str, missing: list[str], present: list[str]) -> str:
+def _missing_message(name: str, missing: list[str], present: list[str], hint: str = "") -> str:
+    """`hint`: a "did you mean" (CSV headers, where near misses are common)."""
     return (f"{name}: missing column(s) {', '.join(map(repr, missing))}; the file has "
-            f"{', '.join(map(repr, present)) or 'no columns'}. Set data.label_column / data.source_column / "
+            f"{', '.join(map(repr, present)) or 'no columns'}{hint}. Set data.label_column / data.source_column / "
             "data.target_column to the right names")
