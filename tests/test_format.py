@@ -74,6 +74,9 @@ BAD_CSVS = {
     "missing_columns": (b"label,premise,hypothesis\ncontradiction,a,b\n",
                         "missing column(s) 'gold_label', 'sentence1', 'sentence2'; the file has 'label', 'premise', "
                         "'hypothesis'"),
+    # A blank first line is an empty header: said in words, not as an empty list.
+    "blank_header_line": (("\n" + HEADER + GOOD).encode(), "missing column(s) 'gold_label', 'sentence1', "
+                          "'sentence2'; the file has no columns."),
     # Names are quoted: ' sentence1' (a leading space) is visibly not 'sentence1'.
     "spaced_column": (b"gold_label, sentence1,sentence2\ncontradiction,a,b\n",
                       "missing column(s) 'sentence1'; the file has 'gold_label', ' sentence1', 'sentence2'; "
