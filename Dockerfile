@@ -57,7 +57,7 @@ RUN /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_V
 # from PyPI. torch is already satisfied and is not touched.
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY scripts/image-constraints.txt ./constraints.txt
+COPY constraints.txt ./
 COPY job ./job
 RUN /opt/venv/bin/pip install --constraint constraints.txt ".${JOB_EXTRAS:+[$JOB_EXTRAS]}" \
     && /opt/venv/bin/pip check \

@@ -81,7 +81,7 @@ ctx="$CHECK_DIR/context"
 rm -rf "$ctx"
 mkdir -p "$ctx/scripts"
 cp -a Dockerfile .dockerignore pyproject.toml entrypoint.sh job "$ctx"/
-cp -a scripts/image-constraints.txt "$ctx/scripts/"
+cp -a constraints.txt "$ctx"/
 if [[ -f README.md ]]; then cp README.md "$ctx/"; else echo "placeholder for the check build" >"$ctx/README.md"; fi
 find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
 
