@@ -131,14 +131,33 @@ for _name in STAGES:
 
 @cli.command()
 @config_options
-def plan(config_file, assignments):
-    """Show each stage as done / pending / stale (and why) without running anything."""
+@click.option("--gpu-memory", type=click.FloatRange(min=0), metavar="GiB",
+              help="Plan memory for a GPU with this much free memory instead of this machine's (0: no GPU).")
+@click.option("--host-memory", type=click.FloatRange(min=0), metavar="GiB",
+              help="Plan memory for this much available host memory instead of this machine's.")
+@click.option("--disk", type=click.FloatRange(min=0), metavar="GiB",
+              help="Plan disk for this much free space in the cache instead of this machine's.")
+def plan(config_file, assignments, gpu_memory, host_memory, disk):
+    """Show each stage as done / pending / stale (and why), then the memory plan: for each stage to run,
+    the device and the peak GPU memory, host memory and disk it needs for this model on this machine
+    (or on the one that --gpu-memory, --host-memory and --disk describe). Runs nothing."""
+    from job import memory_plan
     from job.runner import pipeline_for
 
     cfg = _load(config_file, assignments)
-    for status in pipeline_for(cfg).status():
+    pipeline = pipeline_for(cfg)
+    for status in pipeline.status():
         line = f"{status.stage:<9} {status.state:<8} {status.reason}"
         click.echo(line.rstrip())
+    model_dir = memory_plan.local_model_dir(cfg)
+    if model_dir is None:
+        click.echo(f"memory plan: after the model is downloaded ({cfg.model.uri} is not on this machine yet)")
+        return
+    machine = memory_plan.Machine.detect(memory_plan.cache_folder(cfg), gpu=gpu_memory is None)
+    machine = machine.assuming(gpu_memory=gpu_memory, host_memory=host_memory, disk=disk)
+    plans = memory_plan.plan_stages(cfg, memory_plan.model_shape(model_dir), machine, memory_plan.run_stages(cfg))
+    for line in memory_plan.format_plan(plans, machine):
+        click.echo(line)
 
 
 @cli.command()

@@ -44,7 +44,7 @@ def fetch_model(uri: str, cfg: Config) -> Path:
         check_model_folder(path, uri)
         return path
     target = cache_dir(cfg) / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (target / COMPLETE).is_file():
+    if cached_model_dir(uri, cfg) == target:
         log.info("model %s: using the cached copy in %s", uri, target)
         return target
     partial = target.with_name(target.name + ".partial")
@@ -56,6 +56,17 @@ def fetch_model(uri: str, cfg: Config) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
+
+
+def cached_model_dir(uri: str, cfg: Config) -> Path | None:
+    """The folder fetch_model would return, if that needs no download or conversion now; else None."""
+    if is_gguf_uri(uri) or is_hf_uri(uri):
+        return None  # resolved by the Hub or the converter: known once fetch_model has run
+    if not is_s3(uri):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        return path if (path / "config.json").is_file() else None
+    target = cache_dir(cfg) / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return target if (target / COMPLETE).is_file() else None
 
 
 def load_tokenizer(model_dir: Path, uri: str):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import job
-from job import layout
+from job import layout, memory_plan, peaks
 from job.clock import utc_timestamp
 from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, RankProtocol, Ranks
@@ -83,6 +83,9 @@ class Context:
 
     phases: dict = field(default_factory=dict)
     """Phase name -> seconds, filled by `timer` and recorded in the stage's marker as `phase_seconds`."""
+    memory: dict = field(default_factory=dict)
+    """The marker's `memory`: "plan" (this stage's line of job/memory_plan.py; the train stage sets it
+    after the model download) and "measured" (its peaks, job/peaks.py)."""
     started: float = field(default_factory=time.monotonic)
 
     @contextmanager
@@ -271,6 +274,9 @@ class Pipeline:
                 raise StaleStageError(
                     f"stage {name}: {statuses[name].reason}. Refusing to mix results; rerun with "
                     f"--force {name} to redo it (and the stages after it), or use another run_uri.")
+        # Every stage still to run must fit this machine: refused here, before anything runs, when the
+        # model is on this machine already (else by the train stage, right after the download).
+        self.check_memory([n for n in selected if statuses[n].state != "done"])
         for name in self.order:
             stage, status = self.stages[name], statuses[name]
             if status.state == "disabled":
@@ -313,6 +319,32 @@ class Pipeline:
                       log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
         stage.run(self.cfg, ctx)
         free_gpu_memory()  # this process only waits from here on; rank 0 may merge on a GPU
+
+    # -- memory ------------------------------------------------------------------------------------
+
+    def memory_plan(self, stages: list[str]):
+        """(plans, machine) for these stages, or None while the model is not on this machine yet."""
+        model_dir = memory_plan.local_model_dir(self.cfg)
+        if model_dir is None:
+            return None
+        return memory_plan.plan_for(self.cfg, model_dir, stages, gpu=stages != ["format"])
+
+    def _memory_plan(self, name: str) -> Optional[dict]:
+        planned = self.memory_plan([name])
+        return planned[0][0].record() if planned else None
+
+    def check_memory(self, selected: list[str]) -> None:
+        """Log the plan of every stage still to run and refuse (exit 2) if one cannot fit; when the model
+        is not on this machine yet, the train stage does this once it has downloaded it."""
+        todo = [n for n in memory_plan.run_stages(self.cfg) if n in selected]
+        planned = self.memory_plan(todo) if todo else None
+        if planned is None:
+            if todo:
+                log.info("memory plan: once the model is downloaded (the train stage)")
+            return
+        for line in memory_plan.format_plan(*planned):
+            log.info("%s", line)
+        memory_plan.refuse_unless_fits(*planned, self.cfg.model.uri)
 
     def _clear_forced(self) -> None:
         """Delete the results of the forced stage and every stage after it: all markers first (a crash
@@ -364,12 +396,15 @@ class Pipeline:
                            hidden=hidden)
         ctx = Context(store=store, work_dir=work_dir, fingerprint=fp, upstream=upstream_markers,
                       log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
+        ctx.memory["plan"] = self._memory_plan(stage.name)
         announce = self.protocol.all_ranks if stage.all_ranks else nullcontext  # the others hear of all-ranks stages
         with announce({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers, "hidden": list(hidden)}):
-            metrics = stage.run(self.cfg, ctx) or {}
+            with peaks.measured(ctx.memory.setdefault("measured", {})):
+                metrics = stage.run(self.cfg, ctx) or {}
         store._commit()  # a stage that wrote nothing still replaces what a forced run cleared
         record.update(started_at=started_at, finished_at=utc_timestamp(),
-                      seconds=round(time.monotonic() - t0, 3), phase_seconds=ctx.phases, metrics=metrics)
+                      seconds=round(time.monotonic() - t0, 3), phase_seconds=ctx.phases, memory=ctx.memory,
+                      metrics=metrics)
         self._write_marker(stage.name, record)  # last: the marker is the proof of completion
         log.info("stage %s: done in %.1f s", stage.name, record["seconds"])
         return record

@@ -34,7 +34,9 @@ def test_plan_on_a_new_run(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("format") and "pending" in lines[0] and "not run yet" in lines[0]
-    assert [line.split()[0] for line in lines] == ["format", "train", "merge", "export", "evaluate"]
+    assert [line.split()[0] for line in lines[:5]] == ["format", "train", "merge", "export", "evaluate"]
+    # then the memory plan, which needs the model's config.json: /m does not exist, so it waits for the download
+    assert lines[5:] == ["memory plan: after the model is downloaded (/m is not on this machine yet)"]
 
 
 def test_help_and_unknown_stage():

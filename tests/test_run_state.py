@@ -6,6 +6,7 @@ runs where training is not the point, one shared finished `format,train` run whe
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -169,6 +170,19 @@ def trained(trained_run, tmp_path):
     base, args, env = trained_run
     shutil.copytree(base / "run", tmp_path / "run")
     return tmp_path / "run", [a.replace(str(base / "run"), str(tmp_path / "run")) for a in args], env
+
+
+def test_markers_record_the_memory_plan_next_to_the_measured_peaks(trained_run):
+    base, _args, _env = trained_run
+    for stage in ("format", "train"):
+        memory = json.loads((base / "run" / "_stages" / f"{stage}.json").read_text())["memory"]
+        plan, measured = memory["plan"], memory["measured"]
+        assert plan["stage"] == stage and plan["device"] == "cpu" and not plan["problem"]
+        assert plan["host_gb"] > 0 and plan["gpu_gb"] == 0
+        assert 0.05 < measured["host_peak_gb"] < 24 and measured["gpu_peak_gb"] is None  # no GPU here
+        assert measured["host_peak_scope"] in ("stage", "process")
+    train = json.loads((base / "run" / "_stages" / "train.json").read_text())["memory"]
+    assert train["plan"]["how"] == "16-bit base on the CPU"  # TRAIN_SETS: train.load_in_4bit=false
 
 
 def test_force_format_with_a_mistyped_data_uri_deletes_nothing(trained):

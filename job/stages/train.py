@@ -15,14 +15,13 @@ train.gradient_accumulation x the number of processes.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from job import distributed, hub
+from job import distributed, hub, memory_plan
 from job.config import Config
 from job.dtypes import dtype_name, pick_dtype
 from job.errors import InputError, JobError, Preempted
@@ -80,6 +79,7 @@ def set_up(cfg: Config, ctx) -> TrainingSetup:
     ranks = ctx.ranks
     with distributed.local_main_first(ranks):  # one download per machine; the others reuse the cache
         model_dir = fetch_model(cfg.model.uri, cfg)
+    check_memory_plan(cfg, ctx, model_dir)
     model_revision = hub.resolved_revision(cfg.model.uri, model_dir)
     tokenizer = load_tokenizer(model_dir, cfg.model.uri)
     records = read_jsonl(ctx.store, TRAIN_DATA, "format", keys=("prompt", "completion"))
@@ -111,6 +111,17 @@ def set_up(cfg: Config, ctx) -> TrainingSetup:
         trainer.checkpoint_sync.last_uploaded_step = resume.step
     return TrainingSetup(model_dir, model_revision, tokenizer, examples, dtype, resume, kernels, settings,
                          quantized, trainer, label_report)
+
+
+def check_memory_plan(cfg: Config, ctx, model_dir: Path) -> None:
+    """This stage and the ones after it must fit this machine (job/memory_plan.py): refused with exit 2
+    before the model loads. The pipeline checked already when the model was on this machine at the start."""
+    plans, machine = memory_plan.plan_for(cfg, model_dir, memory_plan.run_stages(cfg)[1:])
+    if ctx.memory.get("plan") is None:  # not planned at the start: the model had to be downloaded first
+        for line in memory_plan.format_plan(plans, machine):
+            ctx.log.info("%s", line)
+    ctx.memory["plan"] = plans[0].record()
+    memory_plan.refuse_unless_fits(plans, machine, cfg.model.uri)
 
 
 def batch_settings(cfg: Config, ctx, examples, model_dir: Path, kernels: dict, resume) -> dict:
@@ -277,21 +288,15 @@ def plan_batch(cfg: Config, examples, model_dir: Path, kernels: dict | None = No
                         gradient_checkpointing=bool(t.gradient_checkpointing is True))
         return settings
 
-    shape = json.loads((model_dir / "config.json").read_text())
-    hidden, layers = shape.get("hidden_size", 4096), shape.get("num_hidden_layers", 32)
-    inter, vocab = shape.get("intermediate_size", 4 * hidden), shape.get("vocab_size", 32000)
-    params = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
+    shape = memory_plan.model_shape(model_dir)
+    params = shape.layers * (4 * shape.hidden * shape.hidden + 3 * shape.hidden * shape.intermediate) \
+        + 2 * shape.vocab * shape.hidden
     base_bytes = params * (0.55 if t.load_in_4bit else 2.0)
     free = usable_gpu_memory()
     budget = 0.90 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
     kernels = kernels if kernels is not None else choose_kernels(cfg, model_dir)
-    per_layer = 14 * hidden + 5 * inter
-    if kernels["liger"]:
-        per_layer -= 2 * hidden + inter
-    if t.lora_dropout == 0:
-        per_layer -= 6 * hidden + inter
-    per_token = {False: 2 * layers * per_layer + 8 * vocab,
-                 True: 2 * (hidden * layers + 16 * hidden + 6 * inter) + 8 * vocab}
+    per_token = {ckpt: shape.activation_bytes_per_token(ckpt, kernels["liger"], t.lora_dropout)
+                 for ckpt in (False, True)}
     length = t.packing_length if t.packing_length != "auto" else max(2048, longest)
     if not t.packing:
         length = t.max_seq_length
