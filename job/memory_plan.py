@@ -238,6 +238,8 @@ def _train(cfg, shape: ModelShape, machine: Machine, base4: float, lora: int) ->
                      f"{'4-bit' if t.load_in_4bit else '16-bit'} base and one packed row of {length} tokens, "
                      f"{machine.gpu_free / GiB:.1f} GiB free: use a larger GPU"
                      + ("" if t.load_in_4bit else ", or train.load_in_4bit=true")
+                     + f", or a smaller train.lora_r (r={t.lora_r} takes {16 * lora / GiB:.1f} GiB with its "
+                       f"gradients and optimizer state)"
                      + (", or a smaller train.packing_length" if length > 2048 else ""))
     return p
 
@@ -261,9 +263,10 @@ def _evaluate(cfg, shape: ModelShape, machine: Machine, base4: float, lora: int)
         model = "adapter"
     elif choice in weights:
         model = choice
-    else:  # auto: merged when it fits with at least one sequence, else the model as trained
+    else:  # auto: merged when it fits with a useful batch (4, or evaluate.batch_size if smaller), else as trained
         left = machine.gpu_free - GPU_FIXED - weights["merged"]
-        model = "merged" if generation_batch(shape, left, e.batch_size, tokens) >= 1 else "adapter"
+        useful = min(e.batch_size, 4)
+        model = "merged" if generation_batch(shape, left, e.batch_size, tokens) >= useful else "adapter"
     left = machine.gpu_free - GPU_FIXED - weights[model]
     batch = generation_batch(shape, left, e.batch_size, tokens)
     how = {"merged": "merged 16-bit model", "adapter": "4-bit base + adapter (as trained)"}[model]
@@ -358,3 +361,50 @@ def format_plan(plans: list[StagePlan], machine: Machine) -> list[str]:
                 f"{p.disk_bytes / GiB:6.1f} GiB disk  {p.how}")
         lines.append(line + "".join(f"; {n}" for n in p.notes) + (f"  DOES NOT FIT: {p.problem}" if p.problem else ""))
     return lines
+
+
+# The README's "How big a model fits" table: `python -m job.memory_plan` prints it from the formulas above.
+MODEL_CLASSES = {
+    "7B (Llama-2-7B)": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, vocab_size=32000,
+                            num_attention_heads=32, num_key_value_heads=32),
+    "13B (Llama-2-13B)": dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, vocab_size=32000,
+                              num_attention_heads=40, num_key_value_heads=40),
+    "34B (CodeLlama-34B)": dict(hidden_size=8192, num_hidden_layers=48, intermediate_size=22016, vocab_size=32000,
+                                num_attention_heads=64, num_key_value_heads=8),
+    "70B (Llama-2-70B)": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, vocab_size=32000,
+                              num_attention_heads=64, num_key_value_heads=8),
+}
+# A card's free memory once the driver and CUDA context have taken theirs (GiB), as mem_get_info reports it.
+CARDS = {"12 GB": 11.5, "16 GB (T4)": 15.0, "24 GB (A10G, L4)": 22.0, "48 GB (L40S, A6000)": 46.0, "80 GB (H100)": 79.0}
+
+
+def table(cfg) -> list[str]:
+    rows = ["| model | card | train (GPU) | merge | export q8_0 | evaluate | host peak | disk |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model, config in MODEL_CLASSES.items():
+        shape = ModelShape.from_config(config)
+        for card, free in CARDS.items():
+            machine = Machine(gpu_free=int(free * GiB), gpu_total=int(free * GiB), host_available=2**50,
+                              disk_free=2**50)
+            plans = {p.stage: p for p in plan_stages(cfg, shape, machine, run_stages(cfg))}
+            train, merge, evaluate = plans["train"], plans["merge"], plans["evaluate"]
+            if train.problem:
+                rows.append(f"| {model} | {card} | does not fit ({train.gpu_bytes / GiB:.0f} GiB needed) "
+                            "| - | - | - | - | - |")
+                continue
+            check = "logits check on GPU" if "logits check on the GPU" in merge.notes else "per-tensor check only"
+            ev = ("merged" if evaluate.how.startswith("merged") else "4-bit + adapter") + \
+                 f", batch {evaluate.how.rsplit('batch ', 1)[1]}" if not evaluate.problem else "does not fit"
+            host = max(p.host_bytes for p in plans.values())
+            disk = sum(p.disk_bytes for p in plans.values())
+            rows.append(f"| {model} | {card} | {train.gpu_bytes / GiB:.1f} GiB | streamed, {check} | "
+                        f"{plans['export'].host_bytes / GiB:.1f} GiB host | {ev} | {host / GiB:.1f} GiB | "
+                        f"{disk / GiB:.0f} GiB |")
+    return rows
+
+
+if __name__ == "__main__":
+    from job.config import load_config
+
+    print("\n".join(table(load_config(None, ("run_uri=/r", "data.uri=/d.csv", "model.uri=/m",
+                                             "export.enabled=true")))))
