@@ -8,7 +8,7 @@ import logging
 from job import distributed
 from job.config import Config
 from job.distributed import SINGLE, Ranks
-from job.errors import InputError
+from job.errors import InputError, JobError
 from job.lease import lease_for
 from job.pipeline import Pipeline
 from job.platform import StopRequest, detect, work_dir
@@ -29,7 +29,24 @@ def pipeline_for(cfg: Config, stop=None, ranks: Ranks = SINGLE) -> Pipeline:
 
 def run_pipeline(cfg: Config, stages: list[str], force: str | None = None) -> dict:
     """Run the stages. Under torchrun/accelerate (several processes), rank 0 runs the pipeline and
-    the other ranks join it for training only (job/distributed.py)."""
+    the other ranks join it for training only (job/distributed.py).
+
+    A process of the run that dies (its node killed or lost) breaks every collective call of the
+    others: gloo and NCCL raise a RuntimeError there, which becomes PeerLost (a retryable exit code
+    and one line naming the peer) instead of an "unexpected error" with a traceback."""
+    ranks = distributed.ranks_from_env()
+    try:
+        return _run_ranks(cfg, stages, force)
+    except JobError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only a lost peer is translated; anything else is re-raised
+        peer = distributed.lost_peer(exc) if ranks.distributed else None
+        if peer is None:
+            raise
+        raise distributed.peer_lost_error(ranks, peer, exc) from None
+
+
+def _run_ranks(cfg: Config, stages: list[str], force: str | None) -> dict:
     ranks = distributed.setup(cfg.train.distributed_timeout_minutes)
     if not ranks.is_main:
         logging.getLogger("job").setLevel(logging.WARNING)  # rank 0 tells the story; others report problems
