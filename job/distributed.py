@@ -83,6 +83,8 @@ def setup(timeout_minutes: float, environ=os.environ) -> Ranks:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(ranks.local_rank)  # one GPU per process, before NCCL starts
         dist.init_process_group(**group_options(ranks, timeout_minutes, torch.cuda.is_available()))
         log.info("distributed: %s, backend %s", ranks, dist.get_backend())
     global _control_group
@@ -99,7 +101,6 @@ def group_options(ranks: Ranks, timeout_minutes: float, cuda: bool) -> dict:
     if cuda:
         import torch
 
-        torch.cuda.set_device(ranks.local_rank)  # one GPU per process, before NCCL starts
         options.update(backend="nccl", device_id=torch.device("cuda", ranks.local_rank))
     return options
 
@@ -136,10 +137,15 @@ def _is_dist_error(error: BaseException) -> bool:
 
 
 def peer_lost_error(ranks: Ranks, peer: str, error: BaseException) -> PeerLost:
-    """The one-line message for a lost peer: which process noticed, which peer, what to do."""
-    first_line = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
-    return PeerLost(f"{ranks}: lost contact with peer {peer} (a process of this multi-node run stopped, or its "
-                    f"node was lost or cut off: {first_line}); exit {PeerLost.exit_code}: rerun every node, "
+    """The one-line message for a lost peer: which process noticed, which peer, what the backend said
+    (its one sentence about it, without the source location), what to do."""
+    said = type(error).__name__
+    for sentence in re.split(r"(?<=\.)\s+|\n", str(error)):
+        if _LOST.search(sentence):
+            said = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", sentence.strip()).rstrip(".")
+            break
+    return PeerLost(f"{ranks}: lost contact with peer {peer} ({said[:200]}): a process of this multi-node run "
+                    f"stopped, or its node was lost or cut off. Exit {PeerLost.exit_code}: rerun every node; "
                     "training resumes from the last uploaded checkpoint")
 
 

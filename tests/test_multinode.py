@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,31 +95,34 @@ class Node:
                            SM_ROOT=folder / "opt_ml", RUNPOD_WORKSPACE=folder / "no-workspace", OMP_NUM_THREADS=1,
                            JOB_SHUTDOWN_TIMEOUT=120, **env)
         self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
 
     def start(self, *args: str, prefix: tuple[str, ...] | list[str] = ()) -> Node:
-        self.lines = []
-        self.proc = subprocess.Popen([*prefix, "bash", str(ENTRYPOINT), *args], cwd=self.folder / "work", env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # The log goes to a file, not a pipe: a node whose pipe nobody reads would block on a full one.
+        self.log = self.folder / f"log-{time.monotonic_ns()}.txt"
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen([*prefix, "bash", str(ENTRYPOINT), *args], cwd=self.folder / "work",
+                                         env=self.env, stdout=out, stderr=subprocess.STDOUT, text=True)
         return self
 
-    def wait_for(self, pattern: str) -> re.Match:
-        """Read the node's log until a line matches (the run's own progress decides, not a sleep)."""
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-        raise AssertionError(f"the node ended before /{pattern}/:\n{self.output}")
+    def wait_for(self, pattern: str, after: int = -1, timeout: float = 600) -> int:
+        """The first number that `pattern`'s group captures in the node's log above `after` (e.g. a
+        checkpoint's step), waiting for it: the run's own progress decides, not a sleep."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ended = self.proc.poll() is not None  # read the log after this, so nothing is missed
+            numbers = [int(m.group(1)) for m in re.finditer(pattern, self.output) if int(m.group(1)) > after]
+            if numbers:
+                return numbers[0]
+            if ended or time.monotonic() > deadline:
+                raise AssertionError(f"no /{pattern}/ above {after} (exit {self.proc.returncode}):\n{self.output}")
+            time.sleep(0.2)
 
     def finish(self, timeout: float = 600) -> int:
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.lines.append(out)
-        return self.proc.returncode
+        return self.proc.wait(timeout=timeout)
 
     @property
     def output(self) -> str:
-        return "".join(self.lines)
+        return self.log.read_text(errors="replace")
 
     def processes(self) -> list[int]:
         """The entry point and every process under it (torchrun starts its workers in new sessions)."""
@@ -148,7 +152,7 @@ class Node:
             for pid in self.processes():
                 with _suppress():
                     os.kill(pid, signal.SIGKILL)
-            self.proc.communicate(timeout=60)
+            self.proc.wait(timeout=60)
         self.proxy.__exit__()
 
 
@@ -165,7 +169,9 @@ def make_nodes(tmp_path, inputs):
     made: list[Node] = []
 
     def make(envs: list[dict[str, str]]) -> list[Node]:
-        nodes = [Node(tmp_path / f"node{i}", inputs["endpoint"], env) for i, env in enumerate(envs)]
+        # Fresh folders for every launch group: a node of another run must not find this one's cache.
+        first = len(made)
+        nodes = [Node(tmp_path / f"node{first + i}", inputs["endpoint"], env) for i, env in enumerate(envs)]
         made.extend(nodes)
         return nodes
 
@@ -276,3 +282,60 @@ def test_sagemaker_two_instances(inputs, make_nodes, tmp_path):
         node.start("train", prefix=wrapper)
     check_whole_run(inputs, root, nodes, processes=2)
     assert "SageMaker: node 1 of 2, master algo-1" in nodes[1].output
+
+
+def test_faults_sigterm_one_node_lost_node_late_node_and_resume(inputs, make_nodes):
+    root = f"s3://{inputs['bucket']}/runs/faults"
+    steps = 12
+    nodes = make_nodes(pytorchjob_envs(2, 1))
+    args = [*run_args(inputs, root), "--set", f"train.max_steps={steps}", *TRAIN_ONLY]
+
+    def latest() -> int:
+        return json.loads(read_run_file(root, inputs["endpoint"], "checkpoints/LATEST"))["step"]
+
+    # 1. The platform stops node 1 only (SIGTERM to its entry point): every node saves the same
+    # checkpoint and exits 75.
+    for node in nodes:
+        node.start(*args)
+    nodes[0].wait_for(r"checkpoint (\d+) uploaded")
+    nodes[1].proc.send_signal(signal.SIGTERM)
+    codes = [node.finish() for node in nodes]
+    assert codes == [75, 75], [node.output[-3000:] for node in nodes]
+    stopped_at = latest()
+    assert stopped_at < steps
+    for node in nodes:
+        assert "unexpected error" not in node.output, node.output
+
+    # 2. Rerun; node 1 is lost (every process of it SIGKILLed) after a later checkpoint: node 0 stops
+    # at once with exit 69 and one line naming the peer it lost, instead of waiting for a timeout.
+    for node in nodes:
+        node.start(*args)
+    killed_after = nodes[0].wait_for(r"checkpoint (\d+) uploaded", after=stopped_at)
+    for pid in nodes[1].processes():
+        with _suppress():
+            os.kill(pid, signal.SIGKILL)
+    lost_at = time.monotonic()
+    assert nodes[0].finish(timeout=120) == 69, nodes[0].output[-4000:]
+    waited = time.monotonic() - lost_at
+    assert waited < 60, waited  # a connection closed by the peer is seen at once; 60 s for a loaded CI machine
+    out = nodes[0].output
+    lost = [line for line in out.splitlines() if "lost contact with peer" in line]
+    assert lost and re.search(r"lost contact with peer 127\.0\.0\.1:\d+", lost[0]), out[-4000:]
+    # The job's own error is that line, no traceback (torchrun adds its report of the failed process).
+    assert "unexpected error" not in out and not re.search(r'File ".*/job/', out), out[-4000:]
+    nodes[1].finish(timeout=60)
+
+    # 3. Rerun with node 1 starting 30 s after node 0: node 0 waits at the rendezvous (PET_RDZV_CONF's
+    # timeout, from the manifest), then both resume from the last checkpoint and finish.
+    nodes[0].start(*args)
+    time.sleep(30)
+    assert nodes[0].proc.poll() is None, nodes[0].output
+    nodes[1].start(*args)
+    assert [node.finish() for node in nodes] == [0, 0], [node.output[-3000:] for node in nodes]
+    metrics = marker(inputs, root, "train")["metrics"]
+    assert metrics["steps"] == steps and metrics["resumed_from_step"] >= killed_after, metrics
+    assert len(metrics["replica_digests"]) == 2 and len(set(metrics["replica_digests"])) == 1
+    # Restarted in place (as Kubernetes restarts a failed container, its scratch volume kept): the
+    # base model was fetched once per node over the three launches.
+    for node in nodes:
+        assert {key: node.gets(key) for key in inputs["model_keys"]} == dict.fromkeys(inputs["model_keys"], 1)
