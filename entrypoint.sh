@@ -44,7 +44,8 @@ use_workspace_cache() {
 # "auto") decides, so that a PyTorchJob needs no JOB_NPROC. Either's "auto" counts GPUs here, not
 # torchrun's way (which would start one process per CPU core on a machine without GPUs).
 gpu_processes() {
-    local wanted="${JOB_NPROC:-${PET_NPROC_PER_NODE:-1}}" count
+    local wanted="${JOB_NPROC:-${PET_NPROC_PER_NODE:-1}}" count source=JOB_NPROC
+    if [[ -z ${JOB_NPROC:-} && -n ${PET_NPROC_PER_NODE:-} ]]; then source=PET_NPROC_PER_NODE; fi
     if [[ $wanted == auto ]]; then
         if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
             IFS=, read -r -a devices <<<"$CUDA_VISIBLE_DEVICES"
@@ -57,7 +58,7 @@ gpu_processes() {
         wanted=$((count > 1 ? count : 1))
     fi
     if ! [[ $wanted =~ ^[1-9][0-9]*$ ]]; then
-        log "JOB_NPROC (or PET_NPROC_PER_NODE) must be auto or a positive number, got '$wanted'"
+        log "$source must be auto or a positive number, got '$wanted'"
         return 2
     fi
     printf '%s\n' "$wanted"
