@@ -4,8 +4,8 @@ proxy in front of the one moto server), rendezvous over 127.0.0.1, gloo on the C
 
 - Kubeflow PyTorchJob: the environment the training operator (v1.7+) gives each pod (PET_NNODES,
   PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, PET_NPROC_PER_NODE, plus MASTER_ADDR/PORT,
-  WORLD_SIZE, RANK, PYTHONUNBUFFERED), with the manifest's own env (k8s/overlays/pytorchjob, minus
-  JOB_NPROC=auto, which counts GPUs); 2 nodes x 2 processes, then 4 nodes x 1;
+  WORLD_SIZE, RANK, PYTHONUNBUFFERED) and the manifest's PET_RDZV_CONF (k8s/overlays/pytorchjob; not
+  its JOB_NPROC=auto, which counts GPUs: PET_NPROC_PER_NODE decides); 2 nodes x 2 processes, then 4 x 1;
 - SageMaker with instance_count=2: `entrypoint.sh train` with its own resourceconfig.json and
   hyperparameters.json under SM_ROOT;
 - faults on 2 nodes: SIGTERM to one node (every node exits 75), SIGKILL of node 1 (node 0 exits 69
@@ -18,6 +18,7 @@ counted by that node's proxy).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -58,9 +59,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def manifest_env() -> dict[str, str]:
-    """The PyTorchJob manifest's container env with plain values (PET_RDZV_CONF: the rendezvous
-    timeout the manifest sets, which a node starting late relies on)."""
+def manifest_rendezvous_env() -> dict[str, str]:
+    """PET_RDZV_CONF as the PyTorchJob manifest sets it: the rendezvous timeout that a node starting
+    late relies on (the rest of the manifest's env is about the cluster: credentials, cache volume)."""
     doc = yaml.safe_load((ROOT / "k8s/overlays/pytorchjob/pytorchjob.yaml").read_text())
     container = doc["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     return {e["name"]: e["value"] for e in container["env"] if "value" in e and e["name"] == "PET_RDZV_CONF"}
@@ -150,18 +151,10 @@ class Node:
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             for pid in self.processes():
-                with _suppress():
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             self.proc.wait(timeout=60)
         self.proxy.__exit__()
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *_):
-        return kind is not None and issubclass(kind, ProcessLookupError)
 
 
 @pytest.fixture
@@ -180,14 +173,14 @@ def make_nodes(tmp_path, inputs):
         node.close()
 
 
-def pytorchjob_envs(nodes: int, nproc: int, job: str = "qlora-job") -> list[dict[str, str]]:
+def pytorchjob_envs(nodes: int, nproc: int) -> list[dict[str, str]]:
     """What the training operator sets in each replica's container (envvar.go, master.go; v1.7+):
     the Master is node 0, Worker i is node i+1. MASTER_ADDR is the master's Service name; here the
     one machine's address."""
     port = str(free_port())
     common = {"PYTHONUNBUFFERED": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port, "PET_NNODES": str(nodes),
-              "PET_NPROC_PER_NODE": str(nproc), "WORLD_SIZE": str(nodes * nproc), **manifest_env()}
+              "PET_NPROC_PER_NODE": str(nproc), "WORLD_SIZE": str(nodes * nproc), **manifest_rendezvous_env()}
     return [{**common, "RANK": str(i), "PET_NODE_RANK": str(i)} for i in range(nodes)]
 
 
@@ -312,7 +305,7 @@ def test_faults_sigterm_one_node_lost_node_late_node_and_resume(inputs, make_nod
         node.start(*args)
     killed_after = nodes[0].wait_for(r"checkpoint (\d+) uploaded", after=stopped_at)
     for pid in nodes[1].processes():
-        with _suppress():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     lost_at = time.monotonic()
     assert nodes[0].finish(timeout=120) == 69, nodes[0].output[-4000:]
