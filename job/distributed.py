@@ -112,7 +112,9 @@ def group_options(ranks: Ranks, timeout_minutes: float, cuda: bool) -> dict:
 _BACKEND = re.compile(r"gloo|nccl|c10d|ProcessGroup|TCPStore", re.IGNORECASE)
 _LOST = re.compile(r"closed by peer|reset by peer|broken pipe|connection refused|timed out|timeout|"
                    r"remote process|socket closed|ncclRemoteError|ncclSystemError", re.IGNORECASE)
-_PEER_ADDRESS = re.compile(r"peer \[?([0-9A-Za-z.:%-]+?)\]?:(\d+)")
+# gloo names the peer as [address]:port ("Connection closed by peer [10.0.3.7]:30645", "Read error
+# [10.0.3.7]:30645: Connection reset by peer"); its source location "[.../pair.cc:553]" is no address.
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Za-z.:%-]+)\]:(\d+)")
 
 
 def lost_peer(error: BaseException) -> Optional[str]:

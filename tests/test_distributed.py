@@ -218,6 +218,10 @@ def test_lost_peer_is_recognised_in_gloo_and_store_errors_only():
     wrapped = ValueError("step failed")
     wrapped.__cause__ = gloo
     assert lost_peer(wrapped) == "10.1.2.3:30645"  # found where the error was raised from
+    read = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:589] Read error "
+                        "[127.0.0.1]:4508: Connection reset by peer")
+    assert lost_peer(read) == "127.0.0.1:4508"
+    assert "(Read error [127.0.0.1]:4508: Connection reset by peer)" in str(peer_lost_error(Ranks(), "x", read))
     store = dist.DistStoreError("Timed out after 901 seconds waiting for clients. 1/2 clients joined.")
     assert lost_peer(store) == "(address not reported)"
     for other in (RuntimeError("read timed out"), ValueError("gloo timed out"), RuntimeError("CUDA out of memory")):
