@@ -6,8 +6,8 @@
 #                                                   the artifacts are copied to /opt/ml/model
 #   IMAGE serve           ->  exit 2: this image trains; it does not serve endpoints
 #
-# Exit codes are the job's own (0, 1, 2, 3, 4 when another job holds the run, and 75 after a
-# preemption checkpoint), unchanged.
+# Exit codes are the job's own (0, 1, 2, 3, 4 when another job holds the run, 69 when a node of a
+# multi-node run was lost, and 75 after a preemption checkpoint), unchanged.
 # Paths can be moved for tests: SM_ROOT (default /opt/ml), RUNPOD_WORKSPACE (default /workspace).
 # Variables named JOB_<SECTION>__<KEY> and JOB_RUN_URI are the job's configuration (an unknown key
 # of that shape is an error; other JOB_* names are ignored), so this script only sets keys the job knows.
@@ -17,6 +17,8 @@ SM_ROOT="${SM_ROOT:-/opt/ml}"
 RUNPOD_WORKSPACE="${RUNPOD_WORKSPACE:-/workspace}"
 # SageMaker shows the first 1024 characters of the failure file as the job's FailureReason.
 FAILURE_LIMIT=1024
+# Several nodes: how long (s) the rendezvous waits for every node, unless PET_RDZV_CONF says otherwise.
+RENDEZVOUS_TIMEOUT_DEFAULT=1800
 
 log() { printf 'entrypoint: %s\n' "$*" >&2; }
 
@@ -37,9 +39,13 @@ use_workspace_cache() {
 # ---------------------------------------------------------------------------------------------
 # Multi-GPU launch.
 
-# How many GPU processes JOB_NPROC asks for on this node (1: the plain single-process job).
+# How many GPU processes JOB_NPROC asks for on this node (1: the plain single-process job). Without
+# JOB_NPROC, the Kubeflow training operator's PET_NPROC_PER_NODE (its nprocPerNode: a number or
+# "auto") decides, so that a PyTorchJob needs no JOB_NPROC. Either's "auto" counts GPUs here, not
+# torchrun's way (which would start one process per CPU core on a machine without GPUs).
 gpu_processes() {
-    local wanted="${JOB_NPROC:-1}" count
+    local wanted="${JOB_NPROC:-${PET_NPROC_PER_NODE:-1}}" count source=JOB_NPROC
+    if [[ -z ${JOB_NPROC:-} && -n ${PET_NPROC_PER_NODE:-} ]]; then source=PET_NPROC_PER_NODE; fi
     if [[ $wanted == auto ]]; then
         if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
             IFS=, read -r -a devices <<<"$CUDA_VISIBLE_DEVICES"
@@ -52,7 +58,7 @@ gpu_processes() {
         wanted=$((count > 1 ? count : 1))
     fi
     if ! [[ $wanted =~ ^[1-9][0-9]*$ ]]; then
-        log "JOB_NPROC must be auto or a positive number, got '$wanted'"
+        log "$source must be auto or a positive number, got '$wanted'"
         return 2
     fi
     printf '%s\n' "$wanted"
@@ -92,6 +98,11 @@ launch_command() {
     LAUNCH=(torchrun --nproc-per-node "$nproc" --shutdown-timeout "${JOB_SHUTDOWN_TIMEOUT:-540}")
     if [[ -z ${PET_NNODES:-} ]]; then
         LAUNCH+=(--standalone)
+    else
+        # Several nodes: torchrun's static rendezvous on PET_MASTER_ADDR:PET_MASTER_PORT waits this long
+        # (seconds) for every node to join. torchrun's default, 600, is short for a node that is still
+        # pulling the image or waiting for a GPU machine; PET_RDZV_CONF=timeout=N overrides it.
+        export PET_RDZV_CONF="${PET_RDZV_CONF:-timeout=${RENDEZVOUS_TIMEOUT_DEFAULT}}"
     fi
     LAUNCH+=(-m job)
     JOB_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/job-exit-code.XXXXXX")"
@@ -212,6 +223,7 @@ write_failure() {
         2) header+=" (bad configuration or input)" ;;
         3) header+=" (storage or access failure)" ;;
         4) header+=" (another job holds this run's lease)" ;;
+        69) header+=" (a node of the multi-node run was lost; safe to restart)" ;;
         75) header+=" (stopped by SIGTERM after a checkpoint; safe to restart)" ;;
     esac
     local budget=$((FAILURE_LIMIT - ${#header} - 2))

@@ -19,12 +19,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-from job.errors import JobError, MainProcessFailed
+from job.errors import JobError, MainProcessFailed, PeerLost
 
 log = logging.getLogger("job")
 
@@ -84,13 +85,70 @@ def setup(timeout_minutes: float, environ=os.environ) -> Ranks:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(ranks.local_rank)  # one GPU per process, before NCCL starts
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-        log.info("distributed: %s, backend %s", ranks, backend)
+        dist.init_process_group(**group_options(ranks, timeout_minutes, torch.cuda.is_available()))
+        log.info("distributed: %s, backend %s", ranks, dist.get_backend())
     global _control_group
     if _control_group is None:
         _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return ranks
+
+
+def group_options(ranks: Ranks, timeout_minutes: float, cuda: bool) -> dict:
+    """init_process_group's arguments. On GPUs, NCCL with `device_id`: the process group is bound to
+    this process's GPU at once (NCCL connects eagerly; without it the first collective call guesses
+    the device, and PyTorch warns that a barrier may hang). On CPUs, gloo."""
+    options = {"backend": "gloo", "timeout": datetime.timedelta(minutes=timeout_minutes)}
+    if cuda:
+        import torch
+
+        options.update(backend="nccl", device_id=torch.device("cuda", ranks.local_rank))
+    return options
+
+
+# What gloo and NCCL say when the process at the other end of a connection is gone (killed, its
+# machine lost, its network cut) or silent past the timeout: a RuntimeError (torch.distributed's
+# DistError is one) naming the backend and one of these. Matched in the error and the errors it
+# was raised from; a storage timeout or any other error is not one.
+_BACKEND = re.compile(r"gloo|nccl|c10d|ProcessGroup|TCPStore", re.IGNORECASE)
+_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|connection refused|timed out|timeout|"
+                   r"remote process|socket closed|ncclRemoteError|ncclSystemError", re.IGNORECASE)
+# gloo names the peer as [address]:port ("Connection closed by peer [10.0.3.7]:30645", "Read error
+# [10.0.3.7]:30645: Connection reset by peer"); its source location "[.../pair.cc:553]" is no address.
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Za-z.:%-]+)\]:(\d+)")
+
+
+def lost_peer(error: BaseException) -> Optional[str]:
+    """When `error` says another process of the run is gone: that peer's address (when the message
+    names it, as gloo's do) or a description; else None."""
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, RuntimeError) and (_is_dist_error(seen) or _BACKEND.search(text)) and _LOST.search(text):
+            found = _PEER_ADDRESS.search(text)
+            return f"{found.group(1)}:{found.group(2)}" if found else "(address not reported)"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _is_dist_error(error: BaseException) -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return isinstance(error, getattr(dist, "DistError", ()))
+
+
+def peer_lost_error(ranks: Ranks, peer: str, error: BaseException) -> PeerLost:
+    """The one-line message for a lost peer: which process noticed, which peer, what the backend said
+    (its one sentence about it, without the source location), what to do."""
+    said = type(error).__name__
+    for sentence in re.split(r"(?<=\.)\s+|\n", str(error)):
+        if _LOST.search(sentence):
+            said = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", sentence.strip()).rstrip(".")
+            break
+    return PeerLost(f"{ranks}: lost contact with peer {peer} ({said[:200]}): a process of this multi-node run "
+                    f"stopped, or its node was lost or cut off. Exit {PeerLost.exit_code}: rerun every node; "
+                    "training resumes from the last uploaded checkpoint")
 
 
 def _active() -> bool:

@@ -5,6 +5,7 @@ EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
 EXIT_LOCKED = 4  # another job holds this run's lease (job/lease.py)
+EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a process of a multi-node run died or went silent; rerun every node
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint was uploaded; safe to rerun
 
 
@@ -69,3 +70,11 @@ class MainProcessFailed(JobError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class PeerLost(JobError):
+    """A multi-node run lost one of its processes (its node was killed, lost or cut off): every
+    collective call fails, so this process stops too. Nothing is written that was not already safe:
+    a rerun of every node resumes from the last uploaded checkpoint."""
+
+    exit_code = EXIT_PEER_LOST

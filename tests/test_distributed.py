@@ -188,3 +188,46 @@ def test_sigterm_on_one_rank_then_sigkill_then_resume(versioned_run, reference):
     assert len(set(m["replica_digests"])) == 1
     resumed = {e["step"]: e["loss"] for e in m["loss_curve"] if e["step"] > m["resumed_from_step"]}
     assert resumed and all(resumed[s] == pytest.approx(expected[s], rel=1e-4) for s in resumed), (resumed, expected)
+
+
+# Units of job/distributed.py that a CPU machine can check without a process group.
+
+
+def test_nccl_group_is_bound_to_the_process_gpu():
+    import datetime
+
+    import torch
+
+    from job.distributed import Ranks, group_options
+
+    gpu = group_options(Ranks(rank=5, local_rank=1, world_size=8), 30, cuda=True)
+    assert gpu == {"backend": "nccl", "timeout": datetime.timedelta(minutes=30), "device_id": torch.device("cuda", 1)}
+    assert group_options(Ranks(rank=1, local_rank=1, world_size=2), 30, cuda=False) == {
+        "backend": "gloo", "timeout": datetime.timedelta(minutes=30)}
+
+
+def test_lost_peer_is_recognised_in_gloo_and_store_errors_only():
+    import torch.distributed as dist
+
+    from job.distributed import Ranks, lost_peer, peer_lost_error
+    from job.errors import EXIT_PEER_LOST
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                        "by peer [10.1.2.3]:30645. This is typically caused by a remote process crash.")
+    assert lost_peer(gloo) == "10.1.2.3:30645"
+    wrapped = ValueError("step failed")
+    wrapped.__cause__ = gloo
+    assert lost_peer(wrapped) == "10.1.2.3:30645"  # found where the error was raised from
+    read = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:589] Read error "
+                        "[127.0.0.1]:4508: Connection reset by peer")
+    assert lost_peer(read) == "127.0.0.1:4508"
+    assert "(Read error [127.0.0.1]:4508: Connection reset by peer)" in str(peer_lost_error(Ranks(), "x", read))
+    store = dist.DistStoreError("Timed out after 901 seconds waiting for clients. 1/2 clients joined.")
+    assert lost_peer(store) == "(address not reported)"
+    for other in (RuntimeError("read timed out"), ValueError("gloo timed out"), RuntimeError("CUDA out of memory")):
+        assert lost_peer(other) is None, other  # a storage timeout or any other error is not a lost peer
+    error = peer_lost_error(Ranks(rank=2, local_rank=0, world_size=4), "10.1.2.3:30645", gloo)
+    assert error.exit_code == EXIT_PEER_LOST == 69
+    message = str(error)
+    assert "\n" not in message and "pair.cc" not in message
+    assert message.startswith("rank 2/4 (local 0): lost contact with peer 10.1.2.3:30645 (Connection closed by peer")

@@ -388,6 +388,21 @@ def test_nproc_multi_node_uses_the_rendezvous_variables(gpus):
     record = gpus.torchrun_record()
     assert record["argv"] == ["--nproc-per-node", "8", "--shutdown-timeout", "300", "-m", "job", "run"]
     assert record["env"]["PET_NODE_RANK"] == "1"  # torchrun reads PET_* itself
+    assert record["env"]["PET_RDZV_CONF"] == "timeout=1800"  # the entry point's rendezvous wait, unless set
+
+
+@pytest.mark.parametrize("nproc_env, expected", [
+    ({"PET_NPROC_PER_NODE": "2"}, "2"),  # a PyTorchJob without JOB_NPROC: the operator's nprocPerNode
+    ({"PET_NPROC_PER_NODE": "auto", "FAKE_GPUS": "4"}, "4"),  # its "auto" counts GPUs, not CPU cores
+    ({"PET_NPROC_PER_NODE": "8", "JOB_NPROC": "auto", "FAKE_GPUS": "2"}, "2"),  # JOB_NPROC wins
+])
+def test_multi_node_processes_per_node(gpus, nproc_env, expected):
+    result = gpus.run("run", PET_NNODES="2", PET_NODE_RANK="0", PET_MASTER_ADDR="qlora-job-master-0",
+                      PET_MASTER_PORT="29500", PET_RDZV_CONF="timeout=60", **nproc_env)
+    assert result.returncode == 0, result.stderr
+    record = gpus.torchrun_record()
+    assert record["argv"][:2] == ["--nproc-per-node", expected]
+    assert record["env"]["PET_RDZV_CONF"] == "timeout=60"
 
 
 def test_sagemaker_multi_instance_from_resourceconfig(gpus):
