@@ -258,8 +258,13 @@ class EvaluateConfig:
     """Generation stops at EOS or after this many new tokens (counted in eos_stop_rate)."""
     batch_size: int = at_least(16, 1)
     """Prompts generated together (left padding); lower it if generation runs out of memory."""
+    model: str = choice("auto", ("auto", "merged", "adapter"))
+    """The fine-tuned model to generate with (also `job predict`'s): merged: merged/ in 16 bits (the base with
+    adapter/ in 16 bits when merge is disabled); adapter: the base in 4 bits (train.quant_type) with adapter/,
+    the model as trained, in about a quarter of the GPU memory; auto: merged when its 16 bits fit the GPU's
+    free memory (always on the CPU), else adapter. The report says which was used and why."""
     compare_base: bool = True
-    """Also run the untouched base model on the same prompts, for a side-by-side report."""
+    """Also run the untouched base model on the same prompts (in the same precision), for a side-by-side report."""
     max_examples: Optional[int] = at_least(None, 1, "or null for all")
     """Evaluate at most this many eval rows; null: all."""
     do_sample: bool = False
