@@ -193,15 +193,14 @@ def predict(config_file, assignments, model_uri, adapter_uri, input_file, column
     evaluation; prompt and generation settings come from --config/--set (prompt.*, evaluate.*).
     Logs go to stderr."""
     from job.logs import add_secret_filter
+    from job.memory import out_of_memory
     from job.predict import predict as run_predict
     from job.predict import predict_config, read_inputs, to_json_line
 
     cfg = predict_config(config_file, tuple(assignments), model_uri)
     add_secret_filter(cfg)
-    inputs = read_inputs(sentences, input_file, column, cfg.storage)  # bad input fails before loading
-    from job.memory import out_of_memory
-
-    with out_of_memory("predict"):
+    with out_of_memory("predict"):  # exit 5 with what to change, as the stages (job/memory.py)
+        inputs = read_inputs(sentences, input_file, column, cfg.storage)  # bad input fails before loading
         for record in run_predict(cfg, model_uri, adapter_uri, inputs, max_new_tokens or cfg.evaluate.max_new_tokens,
                                   batch_size or cfg.evaluate.batch_size):
             click.echo(to_json_line(record))

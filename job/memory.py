@@ -24,13 +24,23 @@ HINTS = {
                 "base with the adapter, as trained)",
     "export": "set export.check_prompts=0 (the tensor-by-tensor check still runs) or use a machine with more "
               "host memory",
-    "predict": "lower --batch-size or --max-new-tokens, or pass the base model with --adapter (loaded in 4 bits)",
+    "predict": "lower --batch-size or --max-new-tokens, pass the base model with --adapter and --set "
+               "evaluate.model=adapter (4 bits, as trained), or split a very large --input",
 }
 
 
+# PyTorch's CPU allocator reports a failed allocation as a plain RuntimeError with this text.
+CPU_ALLOCATOR_MESSAGE = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_host_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and CPU_ALLOCATOR_MESSAGE in str(exc))
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Host MemoryError or CUDA out of memory (torch.OutOfMemoryError, also torch.cuda's name for it)."""
-    if isinstance(exc, MemoryError):
+    """Host memory (MemoryError, PyTorch's CPU allocator) or CUDA out of memory (torch.OutOfMemoryError,
+    which torch.cuda.OutOfMemoryError also names)."""
+    if is_host_out_of_memory(exc):
         return True
     torch = sys.modules.get("torch")  # never import torch just to look at an exception
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
@@ -79,30 +89,35 @@ def gpu_memory() -> tuple[int, int] | None:
         return None
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def describe() -> str:
-    """'GPU 1.2 of 79.1 GiB free, host RSS 5.3 GiB, 90.2 GiB available' (the parts that are known)."""
+    """'GPU 1.2 GiB free of 79.1 GiB, host RSS 5.3 GiB, 90.2 GiB available on the host' (what is known)."""
     parts = []
     gpu = gpu_memory()
     if gpu is not None:
-        parts.append(f"GPU {gpu[0] / 2**30:.1f} of {gpu[1] / 2**30:.1f} GiB free")
+        parts.append(f"GPU {_size(gpu[0])} free of {_size(gpu[1])}")
     rss, available = host_rss_bytes(), host_available_bytes()
     if rss is not None:
-        parts.append(f"host RSS {rss / 2**30:.1f} GiB")
+        parts.append(f"host RSS {_size(rss)}")
     if available is not None:
-        parts.append(f"{available / 2**30:.1f} GiB available on the host")
+        parts.append(f"{_size(available)} available on the host")
     return ", ".join(parts) or "memory figures unavailable on this platform"
 
 
 def out_of_memory_error(stage: str | None, exc: BaseException) -> OutOfMemory:
-    kind = "host memory (MemoryError)" if isinstance(exc, MemoryError) else "GPU memory (CUDA out of memory)"
+    kind = "host memory" if is_host_out_of_memory(exc) else "GPU memory"
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    where = f"stage {stage}" if stage else "the job"
+    where = "job predict" if stage == "predict" else f"stage {stage}" if stage else "the job"
     hint = HINTS.get(stage or "", "use a machine with more memory")
-    rerun = ("; rerun after the change: finished stages are kept" + (", training resumes from its last checkpoint"
-                                                                       if stage in (None, "train") else "")
-             if stage != "predict" else "")
-    return OutOfMemory(f"{where} ran out of {kind}{f': {first}' if first else ''}. Memory now: {describe()}. "
-                       f"To fit: {hint}{rerun}.")
+    rerun = ""
+    if stage != "predict":
+        rerun = "; then rerun: finished stages are kept" + (", training resumes from its last checkpoint"
+                                                             if stage in (None, "train") else "")
+    return OutOfMemory(f"{where} ran out of {kind} ({type(exc).__name__}{f': {first}' if first else ''}). "
+                       f"Memory now: {describe()}. To fit: {hint}{rerun}.")
 
 
 @contextlib.contextmanager

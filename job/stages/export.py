@@ -55,8 +55,7 @@ def logits_check_plan(n_params: int, available_bytes: int | None) -> str:
     if n_params > LOGITS_CHECK_MAX_PARAMS:
         return (f"skipped: {n_params / 1e9:.1f}B parameters is above {LOGITS_CHECK_MAX_PARAMS / 1e9:.0f}B; "
                 "transformers' GGUF loader would hold the whole model in float32 on the host. The per-tensor "
-                "check covers the "
-                "weights at any size")
+                "check covers the weights at any size")
     need = n_params * LOGITS_CHECK_BYTES_PER_PARAM
     if available_bytes is not None and need > available_bytes // 2:
         return (f"skipped: needs about {need / 2**30:.1f} GiB of host memory, {available_bytes / 2**30:.1f} GiB "
