@@ -114,8 +114,11 @@ def out_of_memory_error(stage: str | None, exc: BaseException) -> OutOfMemory:
     hint = HINTS.get(stage or "", "use a machine with more memory")
     rerun = ""
     if stage != "predict":
-        rerun = "; then rerun: finished stages are kept" + (", training resumes from its last checkpoint"
-                                                             if stage in (None, "train") else "")
+        rerun = "; then rerun: finished stages are kept, this one runs again"
+    if stage in (None, "train"):
+        # Those train settings are part of its fingerprint: checkpoints made with the old ones are stale.
+        rerun += (" (training resumes from its last checkpoint with unchanged settings; after a change of "
+                  "train.* settings, a run that already saved checkpoints needs --force train)")
     return OutOfMemory(f"{where} ran out of {kind} ({type(exc).__name__}{f': {first}' if first else ''}). "
                        f"Memory now: {describe()}. To fit: {hint}{rerun}.")
 
