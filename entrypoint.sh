@@ -6,8 +6,8 @@
 #                                                   the artifacts are copied to /opt/ml/model
 #   IMAGE serve           ->  exit 2: this image trains; it does not serve endpoints
 #
-# Exit codes are the job's own (0, 1, 2, 3, 4 when another job holds the run, 69 when a node of a
-# multi-node run was lost, and 75 after a preemption checkpoint), unchanged.
+# Exit codes are the job's own (0, 1, 2, 3, 4 when another job holds the run, 5 out of memory, 69 when
+# a node of a multi-node run was lost, and 75 after a preemption checkpoint), unchanged.
 # Paths can be moved for tests: SM_ROOT (default /opt/ml), RUNPOD_WORKSPACE (default /workspace).
 # Variables named JOB_<SECTION>__<KEY> and JOB_RUN_URI are the job's configuration (an unknown key
 # of that shape is an error; other JOB_* names are ignored), so this script only sets keys the job knows.
@@ -223,6 +223,7 @@ write_failure() {
         2) header+=" (bad configuration or input)" ;;
         3) header+=" (storage or access failure)" ;;
         4) header+=" (another job holds this run's lease)" ;;
+        5) header+=" (out of memory: the message names the setting to change)" ;;
         69) header+=" (a node of the multi-node run was lost; safe to restart)" ;;
         75) header+=" (stopped by SIGTERM after a checkpoint; safe to restart)" ;;
     esac

@@ -212,15 +212,17 @@ def predict(config_file, assignments, model_uri, adapter_uri, input_file, column
     evaluation; prompt and generation settings come from --config/--set (prompt.*, evaluate.*).
     Logs go to stderr."""
     from job.logs import add_secret_filter
+    from job.memory import out_of_memory
     from job.predict import predict as run_predict
     from job.predict import predict_config, read_inputs, to_json_line
 
     cfg = predict_config(config_file, tuple(assignments), model_uri)
     add_secret_filter(cfg)
-    inputs = read_inputs(sentences, input_file, column, cfg.storage)  # bad input fails before loading
-    for record in run_predict(cfg, model_uri, adapter_uri, inputs, max_new_tokens or cfg.evaluate.max_new_tokens,
-                              batch_size or cfg.evaluate.batch_size):
-        click.echo(to_json_line(record))
+    with out_of_memory("predict"):  # exit 5 with what to change, as the stages (job/memory.py)
+        inputs = read_inputs(sentences, input_file, column, cfg.storage)  # bad input fails before loading
+        for record in run_predict(cfg, model_uri, adapter_uri, inputs, max_new_tokens or cfg.evaluate.max_new_tokens,
+                                  batch_size or cfg.evaluate.batch_size):
+            click.echo(to_json_line(record))
 
 
 def main(argv=None):
@@ -253,7 +255,13 @@ def _main(argv) -> int:
         click.echo("interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue",
                    err=True)
         return 130
-    except Exception:  # noqa: BLE001 - the last resort: log the traceback, exit 1
+    except Exception as exc:  # noqa: BLE001 - the last resort: log the traceback, exit 1
+        from job.memory import is_out_of_memory, out_of_memory_error
+
+        if is_out_of_memory(exc):  # outside a stage (stages name themselves: job/memory.py): still exit 5
+            error = out_of_memory_error(None, exc)
+            log.error("%s", error)
+            return error.exit_code
         log.error("unexpected error:\n%s", traceback.format_exc())
         return EXIT_UNEXPECTED
     return 0

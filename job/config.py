@@ -240,9 +240,9 @@ class ExportConfig:
     """GGUF types to write, any of f16, bf16, q8_0, q4_0 (K-quants: llama-quantize on the f16 file)."""
     name: str = "model"
     """File name stem: export/<name>.<type>.gguf."""
-    check_prompts: int = at_least(4, 0, "0 skips the read-back check")
-    """Eval examples each GGUF is read back on (transformers' GGUF loader) and compared to merged/; 0 skips the
-    check."""
+    check_prompts: int = at_least(4, 0, "0 skips the tokenizer and logits checks")
+    """Eval examples each GGUF's tokenizer (and, for models up to 1B parameters, logits: transformers' GGUF
+    loader) is compared to merged/ on; 0 skips those. Every tensor is read back and compared regardless."""
     min_agreement: float = 0.0
     """Least share of positions where the GGUF's top token equals merged/'s; 0 picks one per type
     (f16 0.98, bf16 0.95, q8_0 0.9, q4_0 0.5)."""
@@ -257,9 +257,15 @@ class EvaluateConfig:
     max_new_tokens: int = at_least(128, 1)
     """Generation stops at EOS or after this many new tokens (counted in eos_stop_rate)."""
     batch_size: int = at_least(16, 1)
-    """Prompts generated together (left padding); lower it if generation runs out of memory."""
+    """Prompts generated together (left padding), at most: on a GPU lowered to what the free memory holds,
+    and halved whenever CUDA runs out of memory."""
+    model: str = choice("auto", ("auto", "merged", "adapter"))
+    """The fine-tuned model to generate with (also `job predict`'s): merged: merged/ in 16 bits (the base with
+    adapter/ in 16 bits when merge is disabled); adapter: the base in 4 bits (train.quant_type) with adapter/,
+    the model as trained, in about a quarter of the GPU memory; auto: merged when its 16 bits fit the GPU's
+    free memory (always on the CPU), else adapter. The report says which was used and why."""
     compare_base: bool = True
-    """Also run the untouched base model on the same prompts, for a side-by-side report."""
+    """Also run the untouched base model on the same prompts (in the same precision), for a side-by-side report."""
     max_examples: Optional[int] = at_least(None, 1, "or null for all")
     """Evaluate at most this many eval rows; null: all."""
     do_sample: bool = False

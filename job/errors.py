@@ -5,6 +5,7 @@ EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
 EXIT_LOCKED = 4  # another job holds this run's lease (job/lease.py)
+EXIT_OUT_OF_MEMORY = 5  # the model or batch does not fit this machine's GPU or host memory (job/memory.py)
 EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a process of a multi-node run died or went silent; rerun every node
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint was uploaded; safe to rerun
 
@@ -57,6 +58,13 @@ class RunLocked(JobError):
     The message names the run, the holder and when its lease expires, and what to do."""
 
     exit_code = EXIT_LOCKED
+
+
+class OutOfMemory(JobError):
+    """CUDA out of memory or a host MemoryError: the message names the stage, the memory seen and the
+    setting to change. A rerun with the same settings on the same machine would fail the same way."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
 
 
 class StaleStageError(ConfigError):

@@ -20,8 +20,9 @@ The formulas, per stage (N parameters; L layers; h hidden; i intermediate; V voc
 - export: writes one tensor at a time and reads each back the same way (host: HOST_BASE plus a few fp32
   copies of the largest tensor); disk: the GGUF files.
 - evaluate: the merged 16-bit model on the GPU when it fits with its KV cache, else the 4-bit base plus
-  the adapter, the model as trained (evaluate.model: auto). On a machine without a GPU, the merged
-  model in fp32 in host memory.
+  the adapter, the model as trained (evaluate.model: auto), with the generation batch the memory left
+  holds: the very rule evaluate applies (job/predict.py). On a machine without a GPU, the merged model
+  in fp32 in host memory.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     tied: bool
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # config.json, for shared estimates
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
@@ -61,7 +63,7 @@ class ModelShape:
                    intermediate=int(get("intermediate_size", 4 * hidden)), vocab=int(get("vocab_size", 32000)),
                    heads=heads, kv_heads=int(get("num_key_value_heads", heads) or heads),
                    head_dim=int(get("head_dim", None) or hidden // heads),
-                   tied=bool(get("tie_word_embeddings", False)))
+                   tied=bool(get("tie_word_embeddings", False)), config=config)
 
     @property
     def linear_per_layer(self) -> int:
@@ -119,7 +121,12 @@ class Machine:
             if torch.cuda.is_available():
                 gpu_free, gpu_total = torch.cuda.mem_get_info()
         folder.mkdir(parents=True, exist_ok=True)
-        return cls(gpu_free=gpu_free, gpu_total=gpu_total, host_available=host_available_bytes(),
+        from job.memory import host_available_bytes
+
+        host = host_available_bytes()
+        if host is None:  # neither /proc/meminfo nor a cgroup limit: the machine's RAM
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return cls(gpu_free=gpu_free, gpu_total=gpu_total, host_available=host,
                    disk_free=shutil.disk_usage(folder).free)
 
     def assuming(self, gpu_memory: float | None = None, host_memory: float | None = None,
@@ -136,29 +143,6 @@ class Machine:
                else "no GPU")
         return (f"{gpu}; host {self.host_available / GiB:.1f} GiB available; "
                 f"disk {self.disk_free / GiB:.1f} GiB free")
-
-
-def host_available_bytes() -> int:
-    """MemAvailable, within a cgroup's limit (a Kubernetes pod, a container's --memory)."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 2**60:
-            available = min(available, int(limit) - usage)
-    return max(available, 0)
 
 
 @dataclass
@@ -244,41 +228,36 @@ def _train(cfg, shape: ModelShape, machine: Machine, base4: float, lora: int) ->
     return p
 
 
-def generation_batch(shape: ModelShape, free: float, wanted: int, tokens: int) -> int:
-    """The largest batch up to `wanted` whose KV cache and last-position logits fit in `free` bytes (0: none)."""
-    per_sequence = shape.kv_cache_bytes(1, tokens) + 2 * 4 * shape.vocab
-    return int(max(0, min(wanted, free // per_sequence)))
-
-
 def _evaluate(cfg, shape: ModelShape, machine: Machine, base4: float, lora: int) -> StagePlan:
+    """The same decision and batch as evaluate makes (job/predict.py inference_plan, plan_batch_size), from
+    the same per-sequence estimate, so the plan says what the stage will do."""
+    from job.predict import RESERVE_BYTES, sequence_bytes
+
     e = cfg.evaluate
-    tokens = PROMPT_TOKENS + e.max_new_tokens
+    sequence = sequence_bytes(shape.config, PROMPT_TOKENS, e.max_new_tokens)
     choice = getattr(e, "model", "auto")
     if machine.gpu_free is None:
-        batch = e.batch_size
-        host = HOST_BASE + 4 * shape.params + shape.kv_cache_bytes(batch, tokens) * 2  # fp32 on the CPU
-        return StagePlan("evaluate", "cpu", 0, int(host), 0, f"merged model, fp32 on the CPU, batch {batch}")
-    weights = {"merged": 2 * shape.params * 1.05, "adapter": base4 + 2 * lora}
+        host = HOST_BASE + 4 * shape.params + sequence * e.batch_size  # the merged model in fp32 on the CPU
+        return StagePlan("evaluate", "cpu", 0, int(host), 0, f"merged model, fp32 on the CPU, batch {e.batch_size}")
+    weights = {"merged": 2 * shape.params, "adapter": base4 + 2 * lora}
     if not cfg.merge.enabled:
         model = "adapter"
     elif choice in weights:
         model = choice
-    else:  # auto: merged when it fits with a useful batch (4, or evaluate.batch_size if smaller), else as trained
-        left = machine.gpu_free - GPU_FIXED - weights["merged"]
-        useful = min(e.batch_size, 4)
-        model = "merged" if generation_batch(shape, left, e.batch_size, tokens) >= useful else "adapter"
-    left = machine.gpu_free - GPU_FIXED - weights[model]
-    batch = generation_batch(shape, left, e.batch_size, tokens)
+    else:  # auto: 16 bits when the weights and one sequence fit the free memory, else the model as trained
+        model = "merged" if weights["merged"] + sequence + RESERVE_BYTES <= machine.gpu_free else "adapter"
+    left = machine.gpu_free - weights[model]
+    batch = max(1, min(e.batch_size, int(0.8 * max(0, left - RESERVE_BYTES // 3) // sequence)))
     how = {"merged": "merged 16-bit model", "adapter": "4-bit base + adapter (as trained)"}[model]
     if model == "adapter" and choice == "auto" and cfg.merge.enabled:
         how += ": the 16-bit model does not fit the GPU"
-    need = GPU_FIXED + weights[model] + shape.kv_cache_bytes(max(batch, 1), tokens) + 8 * shape.vocab * max(batch, 1)
-    p = StagePlan("evaluate", "cuda", int(need), int(HOST_BASE + GiB), 0, f"{how}, batch {max(batch, 1)}")
+    need = weights[model] + RESERVE_BYTES + sequence * batch
+    p = StagePlan("evaluate", "cuda", int(need), int(HOST_BASE + GiB), 0, f"{how}, batch {batch}")
     if batch < e.batch_size:
         p.notes.append(f"generation batch {batch} of evaluate.batch_size={e.batch_size}, from the memory left")
-    if batch < 1:
-        p.problem = (f"the {how.split(':')[0]} needs {(GPU_FIXED + weights[model]) / GiB:.1f} GiB on the GPU before "
-                     f"its first sequence, {machine.gpu_free / GiB:.1f} GiB free: evaluate on a larger GPU"
+    if weights[model] + sequence + RESERVE_BYTES > machine.gpu_free:
+        p.problem = (f"the {how.split(':')[0]} needs {(weights[model] + sequence + RESERVE_BYTES) / GiB:.1f} GiB on "
+                     f"the GPU with one sequence, {machine.gpu_free / GiB:.1f} GiB free: evaluate on a larger GPU"
                      + (", or evaluate.model=auto" if choice == "merged" else "")
                      + ", or evaluate.enabled=false")
     return p

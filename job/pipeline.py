@@ -38,6 +38,7 @@ from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, RankProtocol, Ranks
 from job.errors import ConfigError, Preempted, StaleStageError
 from job.input_identity import describe
+from job.memory import out_of_memory
 from job.platform import free_gpu_memory
 from job.run_files import read_json_object
 from job.stage_store import StageStore
@@ -317,7 +318,8 @@ class Pipeline:
         ctx = Context(store=StageStore(self.store, hidden=tuple(word.get("hidden", ()))), work_dir=work_dir,
                       fingerprint=word["fingerprint"], upstream=word["upstream"],
                       log=logging.getLogger(f"job.{stage.name}"), stop=self.stop, ranks=self.ranks)
-        stage.run(self.cfg, ctx)
+        with out_of_memory(stage.name):
+            stage.run(self.cfg, ctx)
         free_gpu_memory()  # this process only waits from here on; rank 0 may merge on a GPU
 
     # -- memory ------------------------------------------------------------------------------------
@@ -399,7 +401,8 @@ class Pipeline:
         ctx.memory["plan"] = self._memory_plan(stage.name)
         announce = self.protocol.all_ranks if stage.all_ranks else nullcontext  # the others hear of all-ranks stages
         with announce({"stage": stage.name, "fingerprint": fp, "upstream": upstream_markers, "hidden": list(hidden)}):
-            with peaks.measured(ctx.memory.setdefault("measured", {})):
+            # exit 5 naming the stage and the setting to change, no traceback; peaks measured either way
+            with out_of_memory(stage.name), peaks.measured(ctx.memory.setdefault("measured", {})):
                 metrics = stage.run(self.cfg, ctx) or {}
         store._commit()  # a stage that wrote nothing still replaces what a forced run cleared
         record.update(started_at=started_at, finished_at=utc_timestamp(),

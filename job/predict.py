@@ -26,6 +26,7 @@ from job.dtypes import pick_dtype
 from job.errors import InputError
 from job.hub_uri import is_hf_uri
 from job.model import attn_implementation, fetch_model, load_tokenizer
+from job.model_files import weights_bytes
 from job.platform import cache_dir
 from job.prompts import build_prompt, parse_response
 from job.storage import is_s3, open_store, split_uri
@@ -39,12 +40,23 @@ ADAPTER_CONFIG = "adapter_config.json"
 # loading
 
 
-def load_model(model_dir: Path, adapter_dir: Optional[Path], cfg: Config, dtype=None):
-    """A model for generation: the folder as is (merged or base), or base + adapter (not merged)."""
+def load_model(model_dir: Path, adapter_dir: Optional[Path], cfg: Config, dtype=None, four_bit: bool = False):
+    """A model for generation: the folder as is (merged or base), or base + adapter (not merged).
+
+    four_bit: the base in 4 bits as training loaded it (train.quant_type, train.double_quant), with the
+    adapter on top: the model as trained, in about a quarter of the 16-bit memory (inference_plan)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype or pick_dtype("auto", "inference")[0], "attn_implementation": attn_implementation(cfg)}
+    dtype = dtype or pick_dtype("auto", "inference")[0]
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(cfg)}
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.train.quant_type,
+            bnb_4bit_use_double_quant=cfg.train.double_quant, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype)
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
@@ -59,6 +71,69 @@ def load_model(model_dir: Path, adapter_dir: Optional[Path], cfg: Config, dtype=
         except (OSError, ValueError, RuntimeError) as exc:
             raise InputError(f"{adapter_dir}: cannot apply the adapter to {model_dir}: {exc}") from None
     return model.eval()
+
+
+# Beyond the weights: the CUDA context, cuBLAS workspace and the allocator's slack.
+RESERVE_BYTES = int(1.5 * 2**30)
+
+
+def sequence_bytes(config: dict, prompt_tokens: int, new_tokens: int, value_bytes: int = 2) -> int:
+    """Memory one sequence needs while it generates: its KV cache over prompt + new tokens, the prefill's
+    activations of one layer at a time (attention and MLP inputs/outputs) and fp32 logits of one step.
+    A rough upper estimate from config.json, for planning only: an OOM still halves the batch."""
+    config = config.get("text_config", config)
+    hidden = int(config.get("hidden_size", 4096))
+    layers = int(config.get("num_hidden_layers", 32))
+    heads = int(config.get("num_attention_heads", 32))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config.get("intermediate_size", 4 * hidden))
+    vocab = int(config.get("vocab_size", 32000))
+    kv = 2 * layers * kv_heads * head_dim * (prompt_tokens + new_tokens) * value_bytes
+    prefill = prompt_tokens * (4 * hidden + 3 * inter) * value_bytes
+    return kv + prefill + 3 * vocab * 4
+
+
+def inference_plan(setting: str, model_dir: Path, prompt_tokens: int, new_tokens: int,
+                   adapter: bool = True) -> tuple[bool, str]:
+    """(load the base in 4 bits?, why) for evaluate.model (auto | merged | adapter) on this machine.
+
+    auto: 16 bits when the weights plus one sequence fit the GPU's free memory, else 4 bits (the base as
+    trained, with the adapter). On the CPU auto is 16 bits (plenty of host memory, no bitsandbytes kernels
+    needed). `adapter` false (job predict with a merged model and no --adapter): 4 bits quantizes the
+    model itself, a lossy last resort that is logged as such."""
+    import torch
+
+    if setting == "adapter":
+        return True, "evaluate.model=adapter"
+    if setting == "merged":
+        return False, "evaluate.model=merged"
+    if not torch.cuda.is_available():
+        return False, "evaluate.model=auto on the CPU: 16 bits"
+    from job.platform import free_gpu_memory
+
+    free_gpu_memory()
+    free, _total = torch.cuda.mem_get_info()
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    needed = weights_bytes(model_dir, 2) + sequence_bytes(config, prompt_tokens, new_tokens) + RESERVE_BYTES
+    if needed <= free:
+        return False, f"16 bits fit the GPU (needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free)"
+    what = "the base in 4 bits with the adapter, as trained" if adapter else "the model quantized to 4 bits (NF4)"
+    return True, (f"16 bits do not fit the GPU (need about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free): "
+                  f"{what}")
+
+
+def plan_batch_size(model, longest_prompt: int, max_new_tokens: int, batch_size: int) -> tuple[int, str]:
+    """The generation batch that the GPU memory left after loading holds (at most `batch_size`), and why."""
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    per_sequence = sequence_bytes(model.config.to_dict(), longest_prompt, max_new_tokens)
+    fit = max(1, int(0.8 * max(0, free - RESERVE_BYTES // 3) // per_sequence))
+    if fit >= batch_size:
+        return batch_size, ""
+    return fit, (f"batch size {batch_size} lowered to {fit}: about {per_sequence / 2**20:.0f} MiB a sequence "
+                 f"({longest_prompt} prompt + {max_new_tokens} new tokens), {free / 2**30:.1f} GiB free on the GPU")
 
 
 def load_inference_tokenizer(folder: Path, uri: str):
@@ -110,6 +185,12 @@ class GenerationStats:
     seconds: float
     new_tokens: int
     batches: int
+    batch_size: int = 0
+    """The batch size generation ended with (lowered by the memory plan or halved after an OOM)."""
+    oom_halvings: int = 0
+    """How many times CUDA ran out of memory and the batch was halved."""
+    batch_note: str = ""
+    """Why the batch size is not the configured one (empty when it is)."""
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -124,7 +205,11 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
              progress: Optional[logging.Logger] = None) -> tuple[list[Generation], GenerationStats]:
-    """Generate for every prompt, in batches of similar length (less padding), results in input order."""
+    """Generate for every prompt, in batches of similar length (less padding), results in input order.
+
+    On a GPU the batch is first lowered to what the memory left holds (plan_batch_size); if CUDA still runs
+    out of memory, the batch is halved and the same prompts are tried again, down to one prompt (whose OOM
+    is the stage's: exit 5). Greedy answers do not depend on the batch, up to padding rounding."""
     import torch
 
     device = next(model.parameters()).device
@@ -140,29 +225,76 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         options.update(temperature=None, top_p=None, top_k=None)
 
     results: list[Optional[Generation]] = [None] * len(prompts)
-    seconds, total_new = 0.0, 0
-    n_batches = (len(order) + batch_size - 1) // batch_size
-    for b in range(n_batches):
-        index = order[b * batch_size:(b + 1) * batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, padding=True, return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**batch, **options)
-        _sync(device)
-        seconds += time.perf_counter() - t0
-        new = out[:, batch["input_ids"].shape[1]:].tolist()
-        for i, tokens in zip(index, new):
+    seconds, total_new, batches, halvings, notes = 0.0, 0, 0, 0, []
+    if device.type == "cuda":
+        batch_size, note = plan_batch_size(model, len(encoded[order[0]]) if order else 0, max_new_tokens, batch_size)
+        if note:
+            notes.append(note)
+            (progress or log).info("generate: %s", note)
+    done = 0
+    while done < len(order):
+        index = order[done:done + batch_size]
+        try:
+            tokens_out, took = _generate_batch(model, tokenizer, [encoded[i] for i in index], options, device)
+        except Exception as exc:  # noqa: BLE001 - only CUDA's out of memory is handled; the rest re-raised
+            if len(index) == 1 or not _is_cuda_oom(exc):
+                raise
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:  # outside the except block: its traceback holds the failed batch's tensors
+            halvings += 1
+            batch_size = max(1, len(index) // 2)
+            _release(device)
+            note = f"CUDA out of memory with {len(index)} prompts: batch size halved to {batch_size}"
+            notes.append(note)
+            (progress or log).warning("generate: %s", note)
+            continue
+        seconds += took
+        for i, tokens in zip(index, tokens_out):
             stop = next((k for k, t in enumerate(tokens) if t in eos), None)
             answer = tokens if stop is None else tokens[:stop]
             results[i] = Generation(text=tokenizer.decode(answer, skip_special_tokens=True),
                                     new_tokens=len(tokens) if stop is None else stop + 1,
                                     eos_stop=stop is not None)
             total_new += results[i].new_tokens
+        done += len(index)
+        batches += 1
         if progress is not None:
-            progress.info("generated batch %d/%d (%d prompts, %.1f s so far)", b + 1, n_batches, len(index), seconds)
-    return results, GenerationStats(seconds=seconds, new_tokens=total_new, batches=n_batches)
+            progress.info("generated batch %d (%d prompts, %d/%d done, %.1f s so far)", batches, len(index), done,
+                          len(order), seconds)
+    return results, GenerationStats(seconds=seconds, new_tokens=total_new, batches=batches, batch_size=batch_size,
+                                    oom_halvings=halvings, batch_note="; ".join(notes))
+
+
+def _generate_batch(model, tokenizer, ids: list[list[int]], options: dict, device) -> tuple[list[list[int]], float]:
+    """(the new tokens of each prompt, seconds): one model.generate call on a left-padded batch."""
+    import torch
+
+    batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, **options)
+    _sync(device)
+    return out[:, batch["input_ids"].shape[1]:].tolist(), time.perf_counter() - t0
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _release(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sync(device) -> None:
@@ -261,10 +393,17 @@ def predict(cfg: Config, model_uri: str, adapter_uri: Optional[str], inputs: lis
     adapter_dir = fetch_adapter(adapter_uri, cfg) if adapter_uri else None
     has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_inference_tokenizer(adapter_dir if has_tokenizer else model_dir, model_uri)
-    model = load_model(model_dir, adapter_dir, cfg)
-    log.info("predict: %d inputs, %s%s, batches of %d, at most %d new tokens", len(inputs), model_uri,
-             f" + adapter {adapter_uri}" if adapter_uri else "", batch_size, max_new_tokens)
     prompts = [build_prompt(s, cfg.prompt) for s in inputs]
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    setting = cfg.evaluate.model
+    if setting == "adapter" and adapter_dir is None:
+        raise InputError("evaluate.model=adapter: job predict needs --adapter (the base model in --model is then "
+                         "loaded in 4 bits with the adapter, as trained)")
+    four_bit, why = inference_plan(setting, model_dir, longest, max_new_tokens, adapter=adapter_dir is not None)
+    model = load_model(model_dir, adapter_dir, cfg, four_bit=four_bit)
+    log.info("predict: %d inputs, %s%s (%s: %s), batches of %d, at most %d new tokens", len(inputs), model_uri,
+             f" + adapter {adapter_uri}" if adapter_uri else "", "4 bits" if four_bit else "16 bits", why,
+             batch_size, max_new_tokens)
     e = cfg.evaluate
     generations, stats = generate(model, tokenizer, prompts, max_new_tokens, batch_size, e.do_sample,
                                   e.temperature, cfg.data.seed)

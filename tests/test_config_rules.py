@@ -36,7 +36,7 @@ def _as_loaded(key: str, number):
 def test_the_simple_rules_sit_on_their_fields():
     # The keys that moved from the validation code onto the fields: a missing one means a lost rule.
     assert {key for key, *_ in _fields_with("choices")} == {
-        "data.format", "train.quant_type", "train.compute_dtype", "merge.dtype", "merge.device"}
+        "data.format", "train.quant_type", "train.compute_dtype", "merge.dtype", "merge.device", "evaluate.model"}
     assert {key for key, *_ in _fields_with("at_least")} >= {
         "data.eval_size", "data.max_rows", "storage.lease_seconds", "train.lora_r", "train.weight_decay",
         "train.distributed_timeout_minutes", "merge.tolerance", "export.check_prompts", "evaluate.max_examples"}

@@ -57,6 +57,8 @@ def test_evaluate_end_to_end(trained_run, store_root, tmp_path):  # noqa: F811
         assert metrics["seconds_per_example"] > 0 and metrics["tokens_per_s"] > 0
         assert metrics["mean_new_tokens"] <= 16 and metrics["batches"] == 2
     assert report["finetuned_model"].startswith("merged/")
+    assert report["model_choice"] == {"setting": "auto", "four_bit": False,
+                                      "reason": "evaluate.model=auto on the CPU: 16 bits"}
     train = report["train"]
     assert train["steps"] == 12 and train["tokens"] > 0 and train["tokens_per_s"] > 0
     assert "peak_gpu_memory_gb" in train and train["final_loss"] > 0
@@ -195,3 +197,21 @@ def test_merge_disabled_evaluates_base_plus_adapter_and_predict_agrees(trained_r
     assert [p["raw"] for p in lines] == [r["finetuned"]["raw"] for r in rows]
     assert [p["valid"] for p in lines] == [r["finetuned"]["schema_valid"] for r in rows]
 
+
+
+def test_evaluate_model_adapter_on_cpu_uses_the_4bit_base(trained_run, tmp_path):  # noqa: F811
+    """evaluate.model=adapter: the base in 4 bits (bitsandbytes on the CPU) with adapter/, as trained,
+    loaded separately after training (the DESIGN.md trap is about generating with the training model);
+    the base for comparison is 4-bit too, and the report says which model was used and why."""
+    root = str(tmp_path / "run")
+    trained_run.seed(root, None)
+    args = trained_run.args(root, "merge.enabled=false", "evaluate.model=adapter", "evaluate.max_examples=3",
+                            "evaluate.batch_size=3", "evaluate.max_new_tokens=8")
+    result = run_job(*args, env=job_env(JOB_CACHE_DIR=tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(read_run_file(root, None, "report/report.json"))
+    assert report["model_choice"] == {"setting": "adapter", "four_bit": True, "reason": "evaluate.model=adapter"}
+    assert report["finetuned_model"].startswith("the base model in 4 bits (nf4) with adapter/ applied, as trained")
+    assert report["settings"]["evaluate.model"] == "adapter"
+    assert report["finetuned"]["batch_size"] == 3 and report["finetuned"]["oom_halvings"] == 0
+    assert report["base"]["batches"] == 1 and report["base"]["batch_size"] == 3

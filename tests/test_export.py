@@ -1,8 +1,9 @@
 """The GGUF export (job/export_gguf.py, job/stages/export.py).
 
 Model variants are built directly with transformers (random weights, no training: the export does not
-care what the weights are) and read back with transformers' GGUF loader; the stage itself runs in a
-real process on the trained tiny run that test_merge.py builds once per session.
+care what the weights are) and read back twice: tensor by tensor (job/export_check.py, which must also
+catch deliberately damaged files) and with transformers' GGUF loader (logits); the stage itself runs in
+a real process on the trained tiny run that test_merge.py builds once per session.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def export_and_read_back(model_dir: Path, out_dir: Path, types=("f16", "bf16", "
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from job.config import PromptConfig
+    from job.export_check import check_tensors
     from job.export_gguf import inspect_model, write_gguf
     from job.prompts import build_completion, build_prompt
     from job.stages.export import read_back
@@ -105,7 +107,8 @@ def export_and_read_back(model_dir: Path, out_dir: Path, types=("f16", "bf16", "
     for t in types:
         path = out_dir / f"m.{t}.gguf"
         written = write_gguf(plan, path, t)
-        results[t] = {**read_back(path, t, plan, tokenizer, examples, reference, 0.0), "written": written}
+        results[t] = {**read_back(path, t, plan, tokenizer, examples, reference, 0.0), "written": written,
+                      "tensor_check": check_tensors(plan, path, t)}
     return results
 
 
@@ -128,6 +131,8 @@ def test_variants_read_back(variant, tmp_path):
     for t, r in results.items():
         assert r["same_tokens"] and r["same_special_tokens"] and r["same_chat_template"], (t, r)
         assert r["passed"], (variant, t, r)
+        assert r["tensor_check"]["passed"], (variant, t, r["tensor_check"])
+        assert r["tensor_check"]["tensors_checked"] == r["written"]["tensors"] - r["written"]["rope_freqs"]
     # f16/bf16: every position's top token is merged/'s; q8_0 rounding may flip near-ties only.
     assert results["f16"]["argmax_agreement"] == 1.0 and results["bf16"]["argmax_agreement"] == 1.0, results
     assert results["q8_0"]["argmax_agreement"] >= 0.9
@@ -137,6 +142,68 @@ def test_variants_read_back(variant, tmp_path):
     assert written["rope_freqs"] == (variant == "llama3-rope")
     assert written["tokenizer_model"] == ("llama" if VARIANTS[variant].get("sentencepiece") else "gpt2")
     assert written["add_bos_token"] is True
+
+
+def test_tensor_check_catches_damaged_files(tmp_path, monkeypatch):
+    """The per-tensor read-back passes every type of a correct file (quantized ones within their bounds)
+    and fails, naming the tensor, a file whose q/k rows are not permuted, one that lost a tensor, one
+    whose tensors carry each other's names, and one of another type than asked."""
+    import torch
+
+    import job.export_gguf as exporter
+    from job.export_check import check_tensors, unpermute_qk
+
+    model_dir = make_variant(tmp_path / "model")  # Llama with GQA: q and k are permuted, with 4 and 2 heads
+    w = torch.randn(64, 8)
+    assert torch.equal(unpermute_qk(exporter.permute_qk(w, 4), 4), w)
+
+    def write(name, out_type, plan=None):
+        path = tmp_path / f"{name}.{out_type}.gguf"
+        exporter.write_gguf(plan or exporter.inspect_model(model_dir), path, out_type)
+        return path
+
+    plan = exporter.inspect_model(model_dir)
+    for out_type in exporter.TYPES:
+        result = check_tensors(plan, write("good", out_type), out_type)
+        assert result["passed"], (out_type, result)
+        assert all(v["worst_ratio"] <= 1.0 for v in result["types"].values()), result
+        assert result["tensors_checked"] == len(plan.tensors) == result["tensors_in_file"]
+
+    with monkeypatch.context() as m:  # the exporter forgets llama.cpp's rope permutation
+        m.setattr(exporter, "permute_qk", lambda w, n_head: w)
+        result = check_tensors(plan, write("unpermuted", "q8_0"), "q8_0")
+    assert not result["passed"]
+    assert {p.split(" ")[0] for p in result["problems"]} == {f"blk.{i}.attn_{x}.weight" for i in (0, 1)
+                                                               for x in "qk"}, result["problems"]
+    assert all("permutation" in p for p in result["problems"])
+
+    lost = exporter.inspect_model(model_dir)
+    lost.tensors = [t for t in lost.tensors if t.gguf_name != "blk.1.ffn_up.weight"]
+    result = check_tensors(plan, write("lost", "f16", lost), "f16")
+    assert result["problems"] == ["model.layers.1.mlp.up_proj.weight: missing from the file "
+                                  "(expected as blk.1.ffn_up.weight)"], result
+
+    swapped = exporter.inspect_model(model_dir)
+    o_proj = next(t for t in swapped.tensors if t.gguf_name == "blk.0.attn_output.weight")
+    v_proj = next(t for t in swapped.tensors if t.gguf_name == "blk.0.attn_v.weight")
+    up = next(t for t in swapped.tensors if t.gguf_name == "blk.0.ffn_up.weight")
+    gate = next(t for t in swapped.tensors if t.gguf_name == "blk.0.ffn_gate.weight")
+    up.gguf_name, gate.gguf_name = gate.gguf_name, up.gguf_name  # same shape: only the values tell
+    assert o_proj.shape != v_proj.shape  # (GQA: v is smaller) a shape check alone would catch those two
+    result = check_tensors(plan, write("swapped", "bf16", swapped), "bf16")
+    assert sorted(p.split(" ")[0] for p in result["problems"]) == ["blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"]
+
+    result = check_tensors(plan, write("other-type", "f16"), "q8_0")
+    assert not result["passed"] and "stored as F16, expected Q8_0" in result["problems"][0]
+
+
+def test_logits_check_runs_for_small_models_only():
+    from job.stages.export import logits_check_plan
+
+    assert logits_check_plan(135_000_000, 16 * 2**30) == ""  # the quickstart model
+    assert logits_check_plan(135_000_000, None) == ""
+    assert "per-tensor check" in logits_check_plan(6_700_000_000, 512 * 2**30)  # 7B: skipped at any memory
+    assert "available" in logits_check_plan(900_000_000, 8 * 2**30)  # 7.2 GB of copies, 8 GiB free
 
 
 def test_llama3_rope_freqs_match_transformers(tmp_path):
@@ -227,6 +294,7 @@ def test_quickstart_model_exports(smollm2_conversion, tmp_path):
     results = export_and_read_back(model_dir, tmp_path)
     for t, r in results.items():
         assert r["passed"] and r["same_tokens"] and r["same_special_tokens"] and r["same_chat_template"], (t, r)
+        assert r["tensor_check"]["passed"], (t, r["tensor_check"])
     assert results["f16"]["argmax_agreement"] == 1.0, results["f16"]
     # The converted weights are float32 (dequantized Q4_1), so bf16 and q8_0 round them: on these 242
     # positions both flip 2 (agreement 0.9917, max logit diff 0.36 / 1.05), at positions where merged/'s
@@ -253,10 +321,13 @@ def test_export_stage_end_to_end(trained_run, tmp_path):  # noqa: F811
     export = Path(root) / "export"
     assert sorted(p.name for p in export.iterdir()) == ["Modelfile", "model.f16.gguf", "model.q8_0.gguf"]
     marker = json.loads((Path(root) / "_stages" / "export.json").read_text())["metrics"]
+    assert marker["logits_check"] == "ran"  # a small model: logits too, besides every tensor
     for t in ("f16", "q8_0"):
         check = marker["files"][t]["check"]
         assert check["passed"] and check["same_tokens"] and check["tokens"] > 0
         assert marker["files"][t]["peak_rss_gb"] > 0
+        tensors = marker["files"][t]["tensor_check"]
+        assert tensors["passed"] and tensors["tensors_checked"] == tensors["tensors_in_file"] > 0, tensors
     modelfile = (export / "Modelfile").read_text()
     assert "FROM ./model.f16.gguf" in modelfile and "{{ .Prompt }}" in modelfile
     assert 'PARAMETER stop "</s>"' in modelfile

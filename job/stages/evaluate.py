@@ -2,8 +2,12 @@
 comparison), parse every answer, and write report/ (report.json, report.md, predictions.jsonl,
 loss_curve.png).
 
-The fine-tuned model is merged/ when the merge stage ran, else the base with adapter/ applied. The two
-models are loaded one after the other, never together. Generation: batched, left padding, greedy
+The fine-tuned model (evaluate.model, job/predict.py:inference_plan): merged/ in 16 bits when it fits the
+GPU (always on the CPU), else the base in 4 bits with adapter/ applied, the model as trained; without a
+merge stage, the base with adapter/ applied in 16 bits when it fits. The report says which and why. The
+base model for comparison is loaded in the same precision. The two models are loaded one after the
+other, never together. The generation batch is planned from the GPU memory left after loading, and
+halved whenever CUDA runs out of memory (job/predict.py:generate). Generation: batched, left padding, greedy
 unless evaluate.do_sample, stopping at EOS or evaluate.max_new_tokens (job/predict.py).
 """
 
@@ -21,7 +25,7 @@ from job.errors import InputError
 from job.layout import ADAPTER, EVAL_DATA, MERGED, REPORT, STATS
 from job.model import fetch_model
 from job.platform import free_gpu_memory
-from job.predict import generate, load_inference_tokenizer, load_model
+from job.predict import generate, inference_plan, load_inference_tokenizer, load_model
 from job.report import (
     export_summary,
     merge_summary,
@@ -52,15 +56,18 @@ def run(cfg: Config, ctx) -> dict:
                  e.batch_size, dtype_name(dtype), dtype_reason, device)
 
     model_dir = fetch_model(cfg.model.uri, cfg)
+    base_tokenizer = load_inference_tokenizer(model_dir, cfg.model.uri)
+    longest = max(len(ids) for ids in base_tokenizer(prompts)["input_ids"])
+    four_bit, why = inference_plan(e.model, model_dir, longest, e.max_new_tokens)
     outputs, scores = {}, {}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the merge stage may have run in this process
     for name in ("finetuned", "base") if e.compare_base else ("finetuned",):
         if name == "finetuned":
-            model, tokenizer, described = finetuned_model(cfg, ctx, model_dir, dtype)
-        else:
-            model, tokenizer = (load_model(model_dir, None, cfg, dtype),
-                                load_inference_tokenizer(model_dir, cfg.model.uri))
+            model, tokenizer, described = finetuned_model(cfg, ctx, model_dir, dtype, four_bit, why)
+            ctx.log.info("evaluate: the fine-tuned model is %s", described)
+        else:  # the base in the same precision as the fine-tuned model: the comparison is about the adapter
+            model, tokenizer = load_model(model_dir, None, cfg, dtype, four_bit=four_bit), base_tokenizer
         ctx.log.info("evaluate: generating with the %s model", "fine-tuned" if name == "finetuned" else "base")
         with ctx.timer(f"generate_{name}"):
             generations, stats = generate(model, tokenizer, prompts, e.max_new_tokens, e.batch_size, e.do_sample,
@@ -68,6 +75,9 @@ def run(cfg: Config, ctx) -> dict:
         parsed = parse_all(generations, cfg.prompt)
         outputs[name] = (generations, parsed)
         scores[name] = score(records, generations, parsed, stats)
+        scores[name].update(batch_size=stats.batch_size, oom_halvings=stats.oom_halvings)
+        if stats.batch_note:
+            scores[name]["batch_note"] = stats.batch_note
         if device == "cuda":
             scores[name]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         ctx.log.info("evaluate: %s: %s", name, {k: scores[name][k] for k in (
@@ -79,6 +89,7 @@ def run(cfg: Config, ctx) -> dict:
 
     rows = prediction_rows(records, outputs)
     report = build_report(cfg, ctx, records, scores, described, dtype, device, available)
+    report["model_choice"] = {"setting": e.model, "four_bit": four_bit, "reason": why}
     files = write_report(ctx, report, rows)
     ctx.log.info("evaluate: wrote %s", ", ".join(files))
     return {"n_examples": report["n_examples"], "finetuned": scores["finetuned"], "base": scores.get("base"),
@@ -96,19 +107,26 @@ def eval_rows(cfg: Config, ctx) -> tuple[list[dict], int]:
     return records, len(records)
 
 
-def finetuned_model(cfg: Config, ctx, model_dir: Path, dtype) -> tuple[object, object, str]:
-    """(model, tokenizer, what it is): merged/ when the merge ran, else the base with adapter/ applied."""
+def finetuned_model(cfg: Config, ctx, model_dir: Path, dtype, four_bit: bool = False,
+                    why: str = "") -> tuple[object, object, str]:
+    """(model, tokenizer, what it is and why): merged/ when the merge ran and 16 bits were chosen
+    (inference_plan), else the base with adapter/ applied (in 4 bits, as trained, when four_bit)."""
     merge_marker = ctx.upstream.get("merge")
-    if merge_marker is not None:
+    if merge_marker is not None and not four_bit:
         folder = merged_folder(ctx, merge_marker)
         return (load_model(folder, None, cfg, dtype), load_inference_tokenizer(folder, f"{MERGED}/"),
-                f"{MERGED}/ (the merged model)")
+                f"{MERGED}/ (the merged model, {dtype_name(dtype)}; {why})")
     adapter = ctx.work_dir / ADAPTER
     shutil.rmtree(adapter, ignore_errors=True)
     ctx.store.download_dir(ADAPTER, adapter)
     check_adapter(adapter, ctx.store.uri_of(ADAPTER))
-    return (load_model(model_dir, adapter, cfg, dtype), load_inference_tokenizer(adapter, f"{ADAPTER}/"),
-            f"the base model with {ADAPTER}/ applied (merge disabled)")
+    if four_bit:
+        described = (f"the base model in 4 bits ({cfg.train.quant_type}) with {ADAPTER}/ applied, as trained "
+                     f"({why})")
+    else:
+        described = f"the base model ({dtype_name(dtype)}) with {ADAPTER}/ applied (merge disabled; {why})"
+    return (load_model(model_dir, adapter, cfg, dtype, four_bit=four_bit),
+            load_inference_tokenizer(adapter, f"{ADAPTER}/"), described)
 
 
 def build_report(cfg: Config, ctx, records, scores, described, dtype, device, available) -> dict:
@@ -138,7 +156,8 @@ def build_report(cfg: Config, ctx, records, scores, described, dtype, device, av
                      "train.lora_dropout": t.lora_dropout, "train.target_modules": t.target_modules,
                      "train.learning_rate": t.learning_rate, "train.epochs": t.epochs, "train.max_steps": t.max_steps,
                      "merge.enabled": cfg.merge.enabled, "merge.dtype": cfg.merge.dtype,
-                     "evaluate.max_new_tokens": e.max_new_tokens, "evaluate.do_sample": e.do_sample},
+                     "evaluate.max_new_tokens": e.max_new_tokens, "evaluate.do_sample": e.do_sample,
+                     "evaluate.model": e.model},
         "job_version": job.__version__,
         "created_at": utc_timestamp(),
     }
