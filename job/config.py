@@ -228,6 +228,10 @@ class MergeConfig:
     tolerance: float = at_least(0.0, 0)
     """Max allowed logit difference between merged and base+adapter; 0 picks one suited to the dtype
     (bf16 0.08, fp16 0.01, fp32 1e-4, times the largest logit when above 1)."""
+    check_logits: Union[bool, str] = "auto"
+    """Compare merged vs base+adapter logits on check_prompts examples: auto runs it on the GPU when the 16-bit model
+    fits its free memory, else on the CPU for a model of at most 4 GiB (and a quarter of free RAM), else skips it
+    (the per-tensor weights check always runs); true always (CPU if need be); false never."""
 
 
 @dataclass
@@ -590,6 +594,8 @@ def _check_values(cfg: Config) -> list[str]:
                         f"got {cfg.train.gradient_checkpointing!r}")
     if isinstance(cfg.train.liger, str) and cfg.train.liger != "auto":
         problems.append(f"train.liger: must be true, false or \"auto\", got {cfg.train.liger!r}")
+    if isinstance(cfg.merge.check_logits, str) and cfg.merge.check_logits != "auto":
+        problems.append(f"merge.check_logits: must be true, false or \"auto\", got {cfg.merge.check_logits!r}")
     if cfg.evaluate.temperature <= 0:
         problems.append(f"evaluate.temperature: must be positive, got {cfg.evaluate.temperature}")
     if not 0 <= cfg.train.lora_dropout < 1:
