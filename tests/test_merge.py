@@ -176,3 +176,112 @@ def test_fp32_per_layer_merge_on_cpu(trained_run, tmp_path, dtype, bound):
     theirs = peft_merged.state_dict()
     for name, weight in merged.state_dict().items():
         assert torch.equal(weight, theirs[name]), name
+
+
+# ----------------------------------------------------------------------------------------------
+# the streaming merge (job/stream_merge.py) against peft, on the architectures export covers
+
+
+STREAM_CASES = {  # variant of tests/test_export.py -> LoRA settings (random A and B, so every delta is real)
+    "llama-gqa-untied": dict(target_modules="all-linear"),
+    "llama-mha-tied": dict(target_modules=["q_proj", "down_proj", "lm_head"]),  # the tied head: into the embedding
+    "mistral": dict(target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"]),
+    "qwen2": dict(target_modules="all-linear", use_rslora=True, alpha_pattern={"v_proj": 32}),  # q/k/v biases
+    "qwen3": dict(target_modules=["k_proj", "o_proj", "up_proj"], rank_pattern={"o_proj": 2}),
+}
+
+
+@pytest.mark.parametrize("variant", list(STREAM_CASES))
+def test_streaming_merge_equals_peft(variant, tmp_path):
+    """Tensor for tensor, the streaming merge of a bf16 checkpoint equals peft's merge_and_unload done in fp32 and
+    rounded once to bf16 (peft's own bf16 merge rounds B @ A to bf16 first: up to one more rounding)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from job.stream_merge import merge_weights, verify_merged
+    from tests.test_export import VARIANTS, make_variant
+
+    model_dir = make_variant(tmp_path / "model", **VARIANTS[variant])  # bf16 in several shards
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **STREAM_CASES[variant])
+                   ).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    out.mkdir()
+    written = merge_weights(model_dir, tmp_path / "adapter", out, torch.bfloat16, "cpu", 200_000)
+    assert written["shards"] > 1 and written["merged_tensors"] >= written["lora_modules"] > 0
+    check = verify_merged(model_dir, tmp_path / "adapter", out, torch.bfloat16, "cpu")
+    assert check["tensors_checked"] == written["tensors"] and 0 < check["max_error_ulps"] <= 0.5
+
+    ours = {k: v for shard in out.glob("*.safetensors") for k, v in load_file(shard).items()}
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                          tmp_path / "adapter").merge_and_unload()
+    theirs = {k: v.detach().to(torch.bfloat16) for k, v in reference.state_dict().items()}
+    tied = VARIANTS[variant].get("tied", False)
+    assert set(ours) == set(theirs) - ({"lm_head.weight"} if tied else set())
+    changed = 0
+    for name, weight in theirs.items():
+        mine = ours["model.embed_tokens.weight" if tied and name == "lm_head.weight" else name]
+        assert torch.equal(mine, weight), name
+        changed += not torch.equal(mine, load_file_tensor(model_dir, name if name in ours else
+                                                          "model.embed_tokens.weight"))
+    assert changed >= written["merged_tensors"] - ("mistral" == variant)  # lm_head replaced by an equal copy
+
+
+def load_file_tensor(model_dir: Path, name: str):
+    from safetensors import safe_open
+
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(model_dir / index[name], "pt") as f:
+        return f.get_tensor(name)
+
+
+def test_adapter_of_another_model_exits_2(trained_run, tmp_path):
+    """An adapter whose modules match no tensor of the base: exit 2 naming the modules; nothing written."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_export import VARIANTS, make_variant
+
+    root = str(tmp_path / "run")
+    trained_run.seed(root, None)
+    other = make_variant(tmp_path / "qwen3", **VARIANTS["qwen3"])  # same layer names, other shapes
+    model = AutoModelForCausalLM.from_pretrained(other)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    adapter = Path(root) / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (adapter / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    result = run_job(*trained_run.args(root, stages="merge"), env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 2, result.stderr
+    assert "does not fit model.uri" in result.stderr and "Traceback" not in result.stderr
+    assert not (Path(root) / "merged").exists() and not run_file_exists(root, None, "_stages/merge.json")
+
+
+def test_logits_check_skipped_and_partial_merge_redone(trained_run, tmp_path):
+    """merge.check_logits=false: the per-tensor check still runs, the logits fields are null with the reason
+    (report.json too). A merged.partial/ left by a killed merge is not taken for a result: it is redone."""
+    import hashlib
+
+    from job.report import merge_summary
+
+    root = str(tmp_path / "run")
+    trained_run.seed(root, None)
+    # What a merge killed midway leaves in the job's work folder (platform.work_dir): a half-written
+    # merged.partial/, and a merged/ of an earlier merge that was never stamped as uploaded.
+    work = tmp_path / "cache" / "work" / hashlib.sha256(root.encode()).hexdigest()[:12] / "merge"
+    for folder in ("merged.partial", "merged"):
+        (work / folder).mkdir(parents=True)
+        (work / folder / "model-00001-of-00009.safetensors").write_bytes(b"\0" * 10)
+    result = run_job(*trained_run.args(root, "merge.check_logits=false", stages="merge"),
+                     env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    m = marker(root, None, "merge")["metrics"]
+    assert m["logits_check"] == "skipped" and m["logits_check_reason"] == "merge.check_logits: false"
+    assert m["max_logit_diff"] is None and m["tensors_checked"] == 21 and m["max_error_ulps"] <= 0.5
+    summary = merge_summary(marker(root, None, "merge"))
+    assert summary["max_logit_diff"] is None and summary["logits_check_reason"] == "merge.check_logits: false"
+    assert not (work / "merged.partial").exists()
+    for merged in (Path(root) / "merged", work / "merged"):
+        assert sorted(p.name for p in merged.glob("*.safetensors")) == ["model.safetensors"], merged
