@@ -220,7 +220,8 @@ class MergeConfig:
     dtype: str = choice("auto", ("auto", "bf16", "fp16", "fp32"))
     """auto (bf16, or fp16 on a GPU without bf16), bf16, fp16 or fp32: the merged model's weights."""
     device: str = choice("auto", ("auto", "cuda", "cpu"))
-    """auto (the GPU when the 16-bit model fits in its free memory, else the CPU), cuda or cpu."""
+    """Where the B @ A products of the merge run: auto (the GPU when there is one, else the CPU), cuda or cpu. The
+    weights stream through host memory either way (a few GB whatever the model's size)."""
     max_shard_size: str = "2GB"
     """Largest safetensors file in merged/: bytes, or digits with GB, MB, KB, GiB, MiB, KiB (e.g. 2GB, 500MB)."""
     check_prompts: int = at_least(4, 1)

@@ -273,19 +273,22 @@ def merged_value(src: SourceTensor, plan: TensorPlan | None, device: str):
 
     if plan is None:
         return read_tensor(src), False
-    if plan.replacement is not None:
-        value = plan.replacement.float()
-    else:
-        value = read_tensor(src).float()
+    # A private fp32 copy (read_tensor's buffer, or a copy of the adapter's tensor), added to in place: the
+    # largest temporaries are this tensor and one delta (a 70B's embedding: 4.2 GB each in fp32).
+    value = (plan.replacement.to(torch.float32, copy=True) if plan.replacement is not None
+             else read_tensor(src).float())
     for module in plan.lora:
         if src.name.endswith(".bias"):
-            value = value + module.b_bias.float() * module.scale
+            value += module.b_bias.float() * module.scale
             continue
         delta = module.delta(device)
         if tuple(delta.shape) != tuple(value.shape):
             raise InputError(f"adapter/: {module.module} gives a {tuple(delta.shape)} update for the base tensor "
                              f"{src.name} of shape {tuple(value.shape)}; the adapter does not fit model.uri")
-        value = (value.to(device) + delta).cpu()
+        if device == "cpu":
+            value += delta
+        else:
+            value = (value.to(device) + delta).cpu()
         del delta
     if not torch.isfinite(value).all():
         raise MergeWeightsError(f"merge: non-finite weights in {src.name} after merging the adapter; the adapter is "

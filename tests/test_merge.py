@@ -285,3 +285,14 @@ def test_logits_check_skipped_and_partial_merge_redone(trained_run, tmp_path):
     assert not (work / "merged.partial").exists()
     for merged in (Path(root) / "merged", work / "merged"):
         assert sorted(p.name for p in merged.glob("*.safetensors")) == ["model.safetensors"], merged
+
+
+def test_lora_variants_the_merge_does_not_implement_exit_2(tmp_path):
+    """DoRA (and the other variants in stream_merge.UNSUPPORTED) are refused by name, not merged wrong."""
+    from job.errors import InputError
+    from job.stream_merge import read_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 8}))
+    with pytest.raises(InputError, match=r"DoRA \(use_dora\) is not supported by the merge") as error:
+        read_adapter(tmp_path)
+    assert error.value.exit_code == 2
