@@ -87,7 +87,9 @@ def run(cfg: Config, ctx) -> dict:
             metrics = merge_streaming(cfg, ctx, model_dir, adapter_dir, tokenizer, partial, dtype, device,
                                       model_bytes, examples)
         else:
-            ctx.log.info("merge: loading the whole model to merge it (%s)", streaming_problem)
+            if device == "cuda" and cfg.merge.device == "auto" and not gpu_room(model_bytes)[0]:
+                device, why = "cpu", gpu_room(model_bytes)[1]  # the whole model goes where it fits
+            ctx.log.info("merge: loading the whole model on %s to merge it (%s)", device, streaming_problem)
             metrics = merge_loaded(cfg, ctx, model_dir, adapter_dir, tokenizer, partial, dtype, device, examples)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -290,22 +292,27 @@ def choose_device(setting: str) -> tuple[str, str]:
 CPU_CHECK_MAX_BYTES = 4 * 2**30
 
 
-def check_logits_plan(setting, model_bytes: int) -> tuple[str | None, str]:
-    """(device for the logits check or None to skip it, why), from merge.check_logits and free memory."""
+def gpu_room(model_bytes: int) -> tuple[bool, str]:
+    """(whether the whole 16-bit model fits in the GPU's free memory, the figures that say so)."""
     import torch
 
+    if not torch.cuda.is_available():
+        return False, "no GPU"
+    free_gpu_memory()  # memory the train stage left cached in this process is free for us
+    free, _total = torch.cuda.mem_get_info()
+    needed = model_bytes * 1.15 + 1.5 * 2**30  # the model, the fp32 adapter, activations of the check examples
+    if needed < free:
+        return True, f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on the GPU"
+    return False, f"the model needs about {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free on the GPU"
+
+
+def check_logits_plan(setting, model_bytes: int) -> tuple[str | None, str]:
+    """(device for the logits check or None to skip it, why), from merge.check_logits and free memory."""
     if setting is False:
         return None, "merge.check_logits: false"
-    if torch.cuda.is_available():
-        free_gpu_memory()  # memory the train stage left cached in this process is free for us
-        free, _total = torch.cuda.mem_get_info()
-        # The model, the fp32 adapter, activations of the check examples.
-        needed = model_bytes * 1.15 + 1.5 * 2**30
-        if needed < free:
-            return "cuda", f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on the GPU"
-        gpu = f"the model needs about {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free on the GPU"
-    else:
-        gpu = "no GPU"
+    fits, gpu = gpu_room(model_bytes)
+    if fits:
+        return "cuda", gpu
     available = _meminfo_bytes("MemAvailable")
     if setting is True:
         return "cpu", f"merge.check_logits: true ({gpu})"
