@@ -296,3 +296,15 @@ def test_lora_variants_the_merge_does_not_implement_exit_2(tmp_path):
     with pytest.raises(InputError, match=r"DoRA \(use_dora\) is not supported by the merge") as error:
         read_adapter(tmp_path)
     assert error.value.exit_code == 2
+
+
+def test_adapter_names_map_onto_checkpoint_prefixes():
+    """peft's module paths land on the checkpoint's names whatever prefix the checkpoint was saved with."""
+    from job.stream_merge import name_mapper
+
+    params = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    for prefix in ("", "language_model.", "model.text_model."):
+        names = {prefix + p for p in params} | {prefix + "model.norm.weight"}
+        assert [name_mapper(params, names)(p) for p in params] == [prefix + p for p in params]
+    stripped = {p.removeprefix("model.") for p in params}  # a checkpoint saved without the "model." level
+    assert {name_mapper(params, stripped)(p) for p in params} == stripped
