@@ -220,7 +220,8 @@ class MergeConfig:
     dtype: str = choice("auto", ("auto", "bf16", "fp16", "fp32"))
     """auto (bf16, or fp16 on a GPU without bf16), bf16, fp16 or fp32: the merged model's weights."""
     device: str = choice("auto", ("auto", "cuda", "cpu"))
-    """auto (the GPU when the 16-bit model fits in its free memory, else the CPU), cuda or cpu."""
+    """Where the B @ A products of the merge run: auto (the GPU when there is one, else the CPU), cuda or cpu. The
+    weights stream through host memory either way (a few GB whatever the model's size)."""
     max_shard_size: str = "2GB"
     """Largest safetensors file in merged/: bytes, or digits with GB, MB, KB, GiB, MiB, KiB (e.g. 2GB, 500MB)."""
     check_prompts: int = at_least(4, 1)
@@ -228,6 +229,10 @@ class MergeConfig:
     tolerance: float = at_least(0.0, 0)
     """Max allowed logit difference between merged and base+adapter; 0 picks one suited to the dtype
     (bf16 0.08, fp16 0.01, fp32 1e-4, times the largest logit when above 1)."""
+    check_logits: Union[bool, str] = "auto"
+    """Compare merged vs base+adapter logits on check_prompts examples: auto runs it on the GPU when the 16-bit model
+    fits its free memory, else on the CPU for a model of at most 4 GiB (and a quarter of free RAM), else skips it
+    (the per-tensor weights check always runs); true always (CPU if need be); false never."""
 
 
 @dataclass
@@ -596,6 +601,8 @@ def _check_values(cfg: Config) -> list[str]:
                         f"got {cfg.train.gradient_checkpointing!r}")
     if isinstance(cfg.train.liger, str) and cfg.train.liger != "auto":
         problems.append(f"train.liger: must be true, false or \"auto\", got {cfg.train.liger!r}")
+    if isinstance(cfg.merge.check_logits, str) and cfg.merge.check_logits != "auto":
+        problems.append(f"merge.check_logits: must be true, false or \"auto\", got {cfg.merge.check_logits!r}")
     if cfg.evaluate.temperature <= 0:
         problems.append(f"evaluate.temperature: must be positive, got {cfg.evaluate.temperature}")
     if not 0 <= cfg.train.lora_dropout < 1:

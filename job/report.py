@@ -116,6 +116,7 @@ def train_summary(train_metrics: dict) -> dict:
 
 
 MERGE_KEYS = ("max_logit_diff", "tolerance", "tolerance_source", "logit_scale", "adapter_effect", "top1_agreement",
+              "logits_check", "logits_check_reason", "tensors_checked", "max_error_ulps", "method",
               "dtype", "device", "merged_layers", "shards", "peak_rss_gb", "peak_gpu_memory_gb", "merge_seconds",
               "stage_seconds")
 
@@ -190,6 +191,14 @@ def render_markdown(report: dict, rows: list[dict]) -> str:
     m = report["merge"]
     out += ["", "## Merge check", ""]
     if m["enabled"]:
+        if m.get("tensors_checked") is not None:
+            out += [f"Every tensor ({m['tensors_checked']}) read back: base + adapter within "
+                    f"{_fmt(m['max_error_ulps'], '{:.2f}')} units in the last place of {_fmt(m['dtype'])}.", ""]
+    if m["enabled"] and m.get("max_logit_diff") is None and m.get("logits_check_reason"):
+        out += [f"Merged in {_fmt(m['dtype'])} ({_fmt(m['merged_layers'])} LoRA layers, {_fmt(m['shards'])} "
+                f"safetensors shards). Logits check skipped: {m['logits_check_reason']}. Peak memory: "
+                f"{_fmt(m['peak_rss_gb'])} GB resident."]
+    elif m["enabled"]:
         out += [f"Merged in {_fmt(m['dtype'])} on {_fmt(m['device'])} ({_fmt(m['merged_layers'])} LoRA layers, "
                 f"{_fmt(m['shards'])} safetensors shards). Max logit difference merged vs base+adapter: "
                 f"**{_fmt(m['max_logit_diff'], '{:.4g}')}** (tolerance {_fmt(m['tolerance'], '{:.4g}')}, "

@@ -1,24 +1,23 @@
-"""Merge stage: adapter/ + the 16-bit base model -> merged/, proven equal to base+adapter first.
+"""Merge stage: adapter/ + the base model's weights -> merged/, every tensor checked, then the logits.
 
-setup (dtype, device) -> load the base in 16 bits and apply the adapter -> reference logits on a few
-real examples (base+adapter, and the base alone, to measure what the adapter changes) -> merge every
-LoRA layer in fp32 math -> the same logits from the merged model -> compare against a tolerance suited
-to the dtype -> save merged/ (sharded safetensors, tokenizer, generation config) -> upload.
+fetch base and adapter -> merge shard by shard (job/stream_merge.py) into a temporary folder -> read every
+written tensor back and check it is W + scale * B @ A within one rounding -> config, generation config and
+tokenizer -> the logits check where it is affordable -> rename the folder into place -> upload.
 
 Why this way:
-- The merge goes into a 16-bit copy of the base loaded from its original weights, never into the
-  4-bit training model: merging into NF4 weights would bake the quantization error into every layer
-  and the result could not be saved as an ordinary 16-bit model.
-- Memory, "about one copy of the 16-bit model": the base is loaded once in the merge dtype (transformers
-  5 loads weights straight into place, no second copy); the adapter stays separate in fp32 (small);
-  each LoRA layer is merged in place with one fp32 temporary the size of one weight matrix. The
-  reference logits are computed before the merge, so no second model is ever needed for the check.
-- Math: W16 <- round16(float32(W16) + scale * float32(B) @ float32(A)). One rounding per weight, done
-  in fp32 on both devices. On CPU this also avoids bf16 matmuls, which are pathologically slow on
-  CPUs without native bf16 support. (A shard-by-shard safetensors rewrite would use even less memory
-  but must re-implement peft's key mapping for every adapter variant, and still needs a loaded model
-  for the logit check; loading once is simpler and meets the budget.)
-- Device: the GPU when the 16-bit model fits in its free memory with headroom, else the CPU.
+- The merge goes into the base's original weights (16/32-bit safetensors), never into the 4-bit training
+  model: merging into NF4 would bake the quantization error into every layer.
+- Memory: shard by shard, tensor by tensor (stream_merge), so host memory is about one weight matrix in
+  fp32 plus the adapter, whatever the model's size (a 7B merged on CPU peaked at 15.6 GB RSS when the
+  whole model was loaded, issue 20). The GPU, when there is one, only does the B @ A products.
+- The check is exact and cheap: each tensor on disk against fp32 W + scale * B @ A (max error in units in
+  the last place). The end-to-end logits check (base+adapter vs merged/ on check_prompts eval examples)
+  needs the whole model once, so it runs where that is affordable (check_logits_plan) and is reported as
+  skipped, with the reason, elsewhere.
+- A base that is not plain safetensors (pytorch_model.bin, a pre-quantized checkpoint) is merged the older
+  way: loaded whole with the adapter, merged layer by layer in fp32 (merge_in_fp32), logits checked.
+- Nothing half-written is mistaken for finished: shards go to merged.partial/, renamed at the end; the
+  stage's marker is written after the upload.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from job.model_files import weights_bytes
 from job.platform import free_gpu_memory
 from job.run_files import check_adapter, read_jsonl
 from job.stages.merged import forget_local_merged, stamp_local_merged
+from job.stream_merge import merge_weights, verify_merged
 
 # Auto tolerance: max |merged - (base+adapter)| over every logit of the check examples, relative to the
 # largest reference logit (logit scales differ by model: about 1 for a random tiny model, 10-40 for a
@@ -70,18 +70,115 @@ class MergeCheckError(JobError):
 
 
 def run(cfg: Config, ctx) -> dict:
-    """fetch base and adapter/ -> load base+adapter -> reference logits -> merge -> check -> save and upload."""
+    """fetch base and adapter/ -> merge into merged.partial/ -> checks -> rename into place -> upload."""
     forget_local_merged(ctx.work_root)  # stamped again once merged/ is complete and uploaded
     model_dir, adapter_dir, tokenizer = fetch_inputs(cfg, ctx)
     dtype, model_bytes, device, why = plan_merge(cfg, ctx, model_dir)
-
-    from peft import PeftModel  # noqa: F401 - imported before measuring, so the peak is the model's
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    out = local_merged(ctx.work_root)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a merge killed midway left it: start over
+    partial.mkdir(parents=True)
+    examples = check_examples(ctx.store, tokenizer, max(1, cfg.merge.check_prompts))
 
     memory = PeakMemory(device)
+    streaming_problem = not_streamable(model_dir)
+    try:
+        if streaming_problem is None:
+            metrics = merge_streaming(cfg, ctx, model_dir, adapter_dir, tokenizer, partial, dtype, device,
+                                      model_bytes, examples)
+        else:
+            if device == "cuda" and cfg.merge.device == "auto" and not gpu_room(model_bytes)[0]:
+                device, why = "cpu", gpu_room(model_bytes)[1]  # the whole model goes where it fits
+            ctx.log.info("merge: loading the whole model on %s to merge it (%s)", device, streaming_problem)
+            metrics = merge_loaded(cfg, ctx, model_dir, adapter_dir, tokenizer, partial, dtype, device, examples)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    peak = memory.stop()
+    free_gpu_memory()  # the evaluate stage that follows needs it
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+
+    with ctx.timer("upload"):
+        files = upload_merged(ctx)
+    shards = [f for f in files if f.endswith(".safetensors")]
+    ctx.log.info("merge: %s/ written (%d safetensors shards); peak memory %s", MERGED, len(shards), peak)
+    return {
+        **metrics,
+        "method": "streaming" if streaming_problem is None else "loaded",
+        "method_reason": streaming_problem or "safetensors base: merged shard by shard",
+        "dtype": dtype_name(dtype),
+        "device": device,
+        "device_reason": why,
+        "model_bytes": model_bytes,
+        "check_examples": len(examples),
+        "shards": len(shards),
+        "files": files,
+        **peak,
+        "merge_seconds": ctx.seconds("merge"),
+        "upload_seconds": ctx.seconds("upload"),
+        "stage_seconds": ctx.elapsed(),
+    }
+
+
+def merge_streaming(cfg: Config, ctx, model_dir: Path, adapter_dir: Path, tokenizer, out_dir: Path, dtype,
+                    device: str, model_bytes: int, examples: list) -> dict:
+    """stream_merge into out_dir, the per-tensor check, the model files, and the logits check if affordable."""
+    with ctx.timer("merge"):
+        written = merge_weights(model_dir, adapter_dir, out_dir, dtype, device,
+                                shard_size_bytes(cfg.merge.max_shard_size))
+    with ctx.timer("weights_check"):
+        weights = verify_merged(model_dir, adapter_dir, out_dir, dtype, device)
+    ctx.log.info("merge: %d LoRA modules merged into %d of %d tensors in %.1f s; every tensor read back: base + "
+                 "adapter within %.2f units in the last place of %s (%.1f s)", written["lora_modules"],
+                 written["merged_tensors"], written["tensors"], ctx.seconds("merge"), weights["max_error_ulps"],
+                 dtype_name(dtype), ctx.seconds("weights_check"))
+    write_model_files(model_dir, tokenizer, out_dir, dtype)
+
+    check_device, reason = check_logits_plan(cfg.merge.check_logits, model_bytes)
+    if check_device is None:
+        ctx.log.info("merge: logits check skipped: %s", reason)
+        check = {**SKIPPED_CHECK, "logits_check": "skipped", "logits_check_reason": reason}
+    else:
+        with ctx.timer("logits_check"):
+            check = check_logits(cfg, model_dir, adapter_dir, out_dir, dtype, check_device, examples)
+        refuse_unless_equal(check, dtype, len(examples), written["lora_modules"], ctx)
+        check.update(logits_check=check_device, logits_check_reason=reason)
+    return {**check, **weights, "merged_layers": written["lora_modules"], "merged_tensors": written["merged_tensors"],
+            "weights_check_seconds": ctx.seconds("weights_check"), "logits_check_seconds": ctx.seconds("logits_check")}
+
+
+SKIPPED_CHECK = dict.fromkeys(("max_logit_diff", "tolerance", "tolerance_source", "logit_scale", "adapter_effect",
+                               "top1_agreement", "tokens"))
+
+
+def check_logits(cfg: Config, model_dir: Path, adapter_dir: Path, merged_dir: Path, dtype, device: str,
+                 examples: list) -> dict:
+    """base+adapter, then merged/ as any user loads it, one model at a time on `device`: compare_logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = load_with_adapter(model_dir, adapter_dir, dtype, device, attn_implementation(cfg))
+    reference = logits_of(model, examples)
+    with model.disable_adapter():
+        base_only = logits_of(model, examples)
+    del model
+    free_gpu_memory()
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(cfg)}
+    if device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs).eval()
+    got = logits_of(merged, examples)
+    del merged
+    free_gpu_memory()
+    return compare_logits(reference, got, base_only, dtype, cfg.merge.tolerance)
+
+
+def merge_loaded(cfg: Config, ctx, model_dir: Path, adapter_dir: Path, tokenizer, out_dir: Path, dtype,
+                 device: str, examples: list) -> dict:
+    """The whole base loaded with the adapter on `device`, merged in place, logits checked, saved."""
     with ctx.timer("load"):
         model = load_with_adapter(model_dir, adapter_dir, dtype, device, attn_implementation(cfg))
-    examples = check_examples(ctx.store, tokenizer, max(1, cfg.merge.check_prompts))
     reference = logits_of(model, examples)
     with model.disable_adapter():
         base_only = logits_of(model, examples)
@@ -90,31 +187,40 @@ def run(cfg: Config, ctx) -> dict:
     del model
     check = compare_logits(reference, logits_of(merged, examples), base_only, dtype, cfg.merge.tolerance)
     refuse_unless_equal(check, dtype, len(examples), merged_layers, ctx)
+    save_merged(merged, tokenizer, out_dir, cfg.merge.max_shard_size)
+    del merged
+    return {**check, "logits_check": device, "logits_check_reason": "the whole model is loaded to merge it",
+            "merged_layers": merged_layers, "tensors_checked": None, "max_error_ulps": None,
+            "load_seconds": ctx.seconds("load")}
 
-    with ctx.timer("save_upload"):
-        save_merged(merged, tokenizer, local_merged(ctx.work_root), cfg.merge.max_shard_size)
-        peak = memory.stop()
-        del merged
-        free_gpu_memory()  # the evaluate stage that follows needs it
-        files = upload_merged(ctx)
-    shards = [f for f in files if f.endswith(".safetensors")]
-    ctx.log.info("merge: %s/ written (%d safetensors shards); peak memory %s", MERGED, len(shards), peak)
-    return {
-        **check,
-        "dtype": dtype_name(dtype),
-        "device": device,
-        "device_reason": why,
-        "model_bytes": model_bytes,
-        "merged_layers": merged_layers,
-        "check_examples": len(examples),
-        "shards": len(shards),
-        "files": files,
-        **peak,
-        "load_seconds": ctx.seconds("load"),
-        "merge_seconds": ctx.seconds("merge"),
-        "save_upload_seconds": ctx.seconds("save_upload"),
-        "stage_seconds": ctx.elapsed(),
-    }
+
+def not_streamable(model_dir: Path) -> str | None:
+    """None when the base is plain safetensors the streaming merge reads, else why not."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        return f"the base model is saved quantized ({method}); it is dequantized by loading it"
+    if not (model_dir / "model.safetensors").is_file() and not (model_dir / "model.safetensors.index.json").is_file():
+        return "the base model has no safetensors weights (pytorch_model.bin)"
+    return None
+
+
+def write_model_files(model_dir: Path, tokenizer, out_dir: Path, dtype) -> None:
+    """config.json (the merge dtype), generation_config.json and the tokenizer next to the merged shards."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.dtype = dtype
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the model config's defaults
+        generation = GenerationConfig.from_model_config(config)
+    stop_at_trained_eos(generation, tokenizer)
+    generation.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
 
 
 def fetch_inputs(cfg: Config, ctx) -> tuple[Path, Path, object]:
@@ -135,7 +241,7 @@ def plan_merge(cfg: Config, ctx, model_dir: Path) -> tuple[object, int, str, str
 
     dtype, dtype_reason = pick_dtype(cfg.merge.dtype, "merge")
     model_bytes = weights_bytes(model_dir, torch.tensor([], dtype=dtype).element_size())
-    device, why = choose_device(cfg.merge.device, model_bytes)
+    device, why = choose_device(cfg.merge.device)
     ctx.log.info("merge: %s model (%.2f GB in %s, %s) on %s (%s)", cfg.model.uri, model_bytes / 1e9,
                  dtype_name(dtype), dtype_reason, device, why)
     return dtype, model_bytes, device, why
@@ -168,7 +274,8 @@ def upload_merged(ctx) -> list[str]:
 # setup
 
 
-def choose_device(setting: str, model_bytes: int) -> tuple[str, str]:
+def choose_device(setting: str) -> tuple[str, str]:
+    """Where the B @ A products run: the GPU when there is one (they need little memory), else the CPU."""
     import torch
 
     if setting == "cpu":
@@ -177,13 +284,43 @@ def choose_device(setting: str, model_bytes: int) -> tuple[str, str]:
         if setting == "cuda":
             raise JobError("merge.device=cuda but no CUDA device is visible; use merge.device=auto or cpu")
         return "cpu", "no GPU"
+    return "cuda", "merge.device=cuda" if setting == "cuda" else "a GPU is visible"
+
+
+# The logits check on the CPU: a forward over a few examples is cheap for a small model; a large one would
+# need the whole model in host memory, which the streaming merge exists to avoid.
+CPU_CHECK_MAX_BYTES = 4 * 2**30
+
+
+def gpu_room(model_bytes: int) -> tuple[bool, str]:
+    """(whether the whole 16-bit model fits in the GPU's free memory, the figures that say so)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no GPU"
     free_gpu_memory()  # memory the train stage left cached in this process is free for us
     free, _total = torch.cuda.mem_get_info()
-    # The model, the fp32 adapter and one fp32 weight temporary, activations of the check examples.
-    needed = model_bytes * 1.15 + 1.5 * 2**30
-    if setting == "cuda" or needed < free:
-        return "cuda", f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-    return "cpu", f"needs about {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free on the GPU"
+    needed = model_bytes * 1.15 + 1.5 * 2**30  # the model, the fp32 adapter, activations of the check examples
+    if needed < free:
+        return True, f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on the GPU"
+    return False, f"the model needs about {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free on the GPU"
+
+
+def check_logits_plan(setting, model_bytes: int) -> tuple[str | None, str]:
+    """(device for the logits check or None to skip it, why), from merge.check_logits and free memory."""
+    if setting is False:
+        return None, "merge.check_logits: false"
+    fits, gpu = gpu_room(model_bytes)
+    if fits:
+        return "cuda", gpu
+    available = _meminfo_bytes("MemAvailable")
+    if setting is True:
+        return "cpu", f"merge.check_logits: true ({gpu})"
+    if model_bytes <= CPU_CHECK_MAX_BYTES and (available is None or model_bytes * 4 <= available):
+        return "cpu", f"{gpu}; a {model_bytes / 2**30:.2f} GiB model is checked on the CPU"
+    return None, (f"{gpu}, and a {model_bytes / 2**30:.1f} GiB model is too large to check on the CPU (at most "
+                  f"{CPU_CHECK_MAX_BYTES / 2**30:.0f} GiB and a quarter of free RAM); every tensor was checked; "
+                  "merge.check_logits: true runs it on the CPU anyway")
 
 
 def load_with_adapter(model_dir: Path, adapter_dir: Path, dtype, device: str, attn: str):
@@ -298,23 +435,32 @@ def compare_logits(reference: list, merged: list, base_only: list, dtype, tolera
 
 
 def save_merged(model, tokenizer, out_dir: Path, max_shard_size: str) -> None:
-    """Sharded safetensors, the tokenizer (pad token set, left padding for inference) and a generation
-    config whose EOS is the token training appended to every example, so generation stops there."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    eos = [tokenizer.eos_token_id]
-    existing = model.generation_config.eos_token_id
-    for token in existing if isinstance(existing, list) else [existing]:
-        if token is not None and token not in eos:
-            eos.append(token)
-    model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    """A loaded merged model: sharded safetensors, the tokenizer and generation config (save_tokenizer,
+    stop_at_trained_eos)."""
+    stop_at_trained_eos(model.generation_config, tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     # In bytes: transformers reads a str such as "2000" (a YAML number) as a malformed size.
     model.save_pretrained(out_dir, max_shard_size=shard_size_bytes(max_shard_size))
+    save_tokenizer(tokenizer, out_dir)
+
+
+def stop_at_trained_eos(generation, tokenizer) -> None:
+    """EOS is the token training appended to every example (first, so generation stops there), then the
+    base's own; pad is the tokenizer's (not EOS)."""
+    eos = [tokenizer.eos_token_id]
+    existing = generation.eos_token_id
+    for token in existing if isinstance(existing, list) else [existing]:
+        if token is not None and token not in eos:
+            eos.append(token)
+    generation.eos_token_id = eos[0] if len(eos) == 1 else eos
+    generation.pad_token_id = tokenizer.pad_token_id
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """The tokenizer with its pad token, left padding saved as the default for batched generation
+    (transformers writes padding_side only when it was given at load time, so set it in the file)."""
     tokenizer.save_pretrained(out_dir)
-    # Batched generation pads on the left: make that the saved default for whoever serves merged/
-    # (transformers writes padding_side only when it was given at load time, so set it in the file).
     config_path = out_dir / "tokenizer_config.json"
     settings = json.loads(config_path.read_text(encoding="utf-8"))
     settings.update(padding_side="left", pad_token=tokenizer.pad_token)
@@ -354,6 +500,16 @@ class PeakMemory:
         result["peak_gpu_memory_gb"] = (round(torch.cuda.max_memory_allocated() / 2**30, 3)
                                         if self.device == "cuda" else None)
         return result
+
+
+def _meminfo_bytes(field: str):
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _status_kb(field: str):

@@ -26,7 +26,7 @@ from job.config import Config
 from job.dtypes import dtype_name, pick_dtype
 from job.errors import InputError, JobError, Preempted
 from job.layout import ADAPTER, CHECKPOINTS, TENSORBOARD, TRAIN_DATA
-from job.liger import apply_liger, choose_liger
+from job.liger import KernelPatches, apply_liger, choose_liger
 from job.model import fetch_model, load_tokenizer, training_attention
 from job.platform import keep_compiled_kernels
 from job.run_files import read_jsonl
@@ -59,9 +59,15 @@ class TrainingSetup:
 def run(cfg: Config, ctx) -> dict:
     """set up (model, data, resume point, batch plan, trainer) -> train -> save and upload the adapter."""
     keep_compiled_kernels(cfg)
-    with ctx.timer("setup"):
-        setup = set_up(cfg, ctx)
-    train(setup, ctx)
+    # Liger's kernels patch transformers' classes for the whole process: undone when training ends, so the
+    # merge and evaluate models that follow in this process run transformers' own code (on CPU too).
+    with KernelPatches() as patches:
+        with ctx.timer("setup"):
+            setup = set_up(cfg, ctx, patches)
+        train(setup, ctx)
+    if patches.restored:
+        ctx.log.info("train: kernel patches undone for the stages that follow (%d names, e.g. %s)",
+                     len(patches.restored), ", ".join(patches.restored[:3]))
     stop_if_preempted(setup.trainer, ctx)
     replicas = check_replicas(setup.trainer.model, ctx.ranks)
     if not ctx.ranks.is_main:
@@ -71,9 +77,10 @@ def run(cfg: Config, ctx) -> dict:
     return train_metrics(cfg, ctx, setup, replicas)
 
 
-def set_up(cfg: Config, ctx) -> TrainingSetup:
+def set_up(cfg: Config, ctx, patches: KernelPatches | None = None) -> TrainingSetup:
     """The base model (one download per machine), the tokenized data, the checkpoint to resume from,
-    the kernels and batch plan, the 4-bit model and the trainer, with every check before the first step."""
+    the kernels and batch plan, the 4-bit model and the trainer, with every check before the first step.
+    Kernel patches are recorded in `patches`, to be undone after training."""
     import torch
 
     ranks = ctx.ranks
@@ -97,7 +104,7 @@ def set_up(cfg: Config, ctx) -> TrainingSetup:
                  else "16/32-bit base (LoRA)", dtype_name(dtype), dtype_reason, settings)
     check_packing(settings, [len(ids) for ids in examples.dataset["input_ids"]], cfg.train.max_seq_length)
 
-    model = load_base_model(cfg, model_dir, dtype, kernels)
+    model = load_base_model(cfg, model_dir, dtype, kernels, patches)
     check_target_modules(model, cfg.train.target_modules, cfg.model.uri)  # before PEFT, before the first step
     quantized = count_4bit_layers(model)
     ctx.log.info("train: base model loaded: %d 4-bit (bitsandbytes Linear4bit) layers, %.2f GiB%s", quantized,
@@ -334,8 +341,10 @@ def count_4bit_layers(model) -> int:
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def load_base_model(cfg: Config, model_dir: Path, dtype, kernels: dict | None = None):
-    """The base model for training, with the chosen attention (choose_kernels) and Liger's kernels if used."""
+def load_base_model(cfg: Config, model_dir: Path, dtype, kernels: dict | None = None,
+                    patches: KernelPatches | None = None):
+    """The base model for training, with the chosen attention (choose_kernels) and Liger's kernels if used
+    (what they patch in transformers recorded in `patches`, to be undone after training)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -354,7 +363,7 @@ def load_base_model(cfg: Config, model_dir: Path, dtype, kernels: dict | None = 
         raise InputError(f"model.uri {cfg.model.uri}: cannot load the model: {exc}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if kernels["liger"]:
-        apply_liger(model)  # before LoRA wraps the layers: it patches the norms and MLPs in place
+        apply_liger(model, patches)  # before LoRA wraps the layers: it patches the norms and MLPs in place
     return model
 
 
