@@ -51,7 +51,7 @@ pipeline() {  # pipeline NAME MODEL [extra job options]
   /usr/bin/time -v -o "/tmp/$name.time" python -m job run --set "run_uri=$run" --set "data.uri=$data" \
     --set "model.uri=$model" --set train.max_steps=4 --set train.checkpoint_every_steps=2 \
     --set export.enabled=true --set export.check_prompts=2 --set evaluate.max_new_tokens=16 \
-    --set evaluate.max_examples=16 --set data.eval_size=16 "$@" > "$out/$name.log" 2>&1
+    --set evaluate.max_examples=16 --set data.eval_size=16 --set evaluate.compare_base=false "$@" > "$out/$name.log" 2>&1
   echo "$name: job run exit $? after $(( $(date +%s) - start )) s; process peak RSS $(grep 'Maximum resident' \
     "/tmp/$name.time" | awk '{printf "%.2f GB", $NF / 1e6}')" | tee -a "$out/summary.txt"
   grep -E "memory plan|^ *[a-z]+: +(cuda|cpu)|DOES NOT FIT|out of memory|Traceback|Error" "$out/$name.log" \

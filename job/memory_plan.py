@@ -39,6 +39,9 @@ GPU_FIXED = 1.5 * GiB      # CUDA context, cuBLAS workspace, allocator slack
 NF4_BYTES = 0.5625         # 4 bits + one fp8 absmax per 64 (double quantization) + rounding
 GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 PROMPT_TOKENS = 256        # an instruction prompt of the worked example, generously
+# The merge's logits check on the CPU: a forward over a few examples is cheap for a small model; a large one
+# would need the whole model in host memory, which the streaming merge exists to avoid.
+CPU_CHECK_MAX_BYTES = 4 * GiB
 
 
 @dataclass(frozen=True)
@@ -183,12 +186,15 @@ def plan_stages(cfg, shape: ModelShape, machine: Machine, stages: list[str]) -> 
                           int(3 * largest32) if gpu is not None and cfg.merge.device != "cpu" else 0,
                           int(HOST_BASE + 4 * lora + 3 * largest32), merged_bytes,
                           "shard by shard from the base's safetensors")
-            fits16 = gpu is not None and params16 * 1.15 + GPU_FIXED <= gpu
-            if fits16:
+            # The logits check needs the whole 16-bit model: the merge stage's rule (check_logits_plan).
+            if gpu is not None and params16 * 1.15 + GPU_FIXED <= gpu:
                 p.gpu_bytes, p.notes = int(params16 * 1.15 + GPU_FIXED), ["logits check on the GPU"]
+            elif params16 <= CPU_CHECK_MAX_BYTES and params16 * 4 <= machine.host_available:
+                p.host_bytes += int(2 * params16)
+                p.notes = ["logits check on the CPU (a small model)"]
             else:
-                p.notes = ["logits check skipped: the 16-bit model does not fit the GPU" if gpu is not None
-                           else "logits check on the CPU only for a model far smaller than host memory"]
+                p.notes = ["logits check skipped: the 16-bit model does not fit "
+                           + ("the GPU" if gpu is not None else "this machine") + "; every tensor is checked"]
             plans.append(p)
         elif stage == "export":
             disk = int(sum(GGUF_BYTES.get(kind, 2.0) * shape.params for kind in cfg.export.gguf))

@@ -31,6 +31,7 @@ from job.config import Config, shard_size_bytes
 from job.dtypes import dtype_name, pick_dtype
 from job.errors import JobError
 from job.layout import ADAPTER, EVAL_DATA, MERGED, TRAIN_DATA, local_merged
+from job.memory_plan import CPU_CHECK_MAX_BYTES  # the logits check on the CPU: small models only
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.model_files import weights_bytes
 from job.platform import free_gpu_memory
@@ -285,11 +286,6 @@ def choose_device(setting: str) -> tuple[str, str]:
             raise JobError("merge.device=cuda but no CUDA device is visible; use merge.device=auto or cpu")
         return "cpu", "no GPU"
     return "cuda", "merge.device=cuda" if setting == "cuda" else "a GPU is visible"
-
-
-# The logits check on the CPU: a forward over a few examples is cheap for a small model; a large one would
-# need the whole model in host memory, which the streaming merge exists to avoid.
-CPU_CHECK_MAX_BYTES = 4 * 2**30
 
 
 def gpu_room(model_bytes: int) -> tuple[bool, str]:
