@@ -2,6 +2,8 @@
 # Issue #20 on one GPU: the biggest model a card can train, through every stage.
 #
 #   bash bench/gpu_issue20.sh OUT_DIR small-cards     # the 7B shape with 12 GiB free, then with 16 GiB free
+#                                                     # (FREE_GIB="12" for one; HOST_LIMIT_GB=8 in a cgroup)
+#   bash bench/gpu_issue20.sh OUT_DIR both            # 12 GiB free within 8 GB of host memory, then wide
 #   bash bench/gpu_issue20.sh OUT_DIR wide            # a 70B-wide model with 4 layers, the whole card; then
 #                                                     # `job plan` for the real 70B config (80 GB card, 200 GB host)
 #
@@ -43,12 +45,25 @@ PY
 release() { [ -n "$ballast_pid" ] && kill "$ballast_pid" 2>/dev/null; wait "$ballast_pid" 2>/dev/null; ballast_pid=""; }
 trap release EXIT
 
+# HOST_LIMIT_GB: run the job inside a cgroup (v2) whose memory.max is that many GB, as in a container with
+# that memory limit: mapped model files count there but can be reclaimed; anonymous memory cannot.
+in_host_limit() {
+  if [ -n "${HOST_LIMIT_GB:-}" ] && mkdir -p /sys/fs/cgroup/qlora-job 2>/dev/null \
+     && echo "${HOST_LIMIT_GB}G" > /sys/fs/cgroup/qlora-job/memory.max 2>/dev/null; then
+    echo "  (in a cgroup with memory.max=${HOST_LIMIT_GB}G)" >> "$out/summary.txt"
+    sh -c 'echo $$ > /sys/fs/cgroup/qlora-job/cgroup.procs && exec "$@"' sh "$@"
+  else
+    [ -n "${HOST_LIMIT_GB:-}" ] && echo "  (no cgroup memory limit could be set)" >> "$out/summary.txt"
+    "$@"
+  fi
+}
+
 pipeline() {  # pipeline NAME MODEL [extra job options]
   local name=$1 model=$2 run=/tmp/run-$1
   shift 2
   rm -rf "$run" "$JOB_CACHE_DIR/work"
   local start; start=$(date +%s)
-  /usr/bin/time -v -o "/tmp/$name.time" python -m job run --set "run_uri=$run" --set "data.uri=$data" \
+  in_host_limit /usr/bin/time -v -o "/tmp/$name.time" python -m job run --set "run_uri=$run" --set "data.uri=$data" \
     --set "model.uri=$model" --set train.max_steps=4 --set train.checkpoint_every_steps=2 \
     --set export.enabled=true --set export.check_prompts=2 --set evaluate.max_new_tokens=16 \
     --set evaluate.max_examples=16 --set data.eval_size=16 --set evaluate.compare_base=false "$@" > "$out/$name.log" 2>&1
@@ -68,7 +83,8 @@ for stage in ("format", "train", "merge", "export", "evaluate"):
     plan, got = (m.get("memory") or {}).get("plan") or {}, (m.get("memory") or {}).get("measured") or {}
     print(f"  {name} {stage}: {m['seconds']:.0f} s; plan {plan.get('device')} GPU {plan.get('gpu_gb')} host "
           f"{plan.get('host_gb')} disk {plan.get('disk_gb')} ({plan.get('how')}); measured GPU "
-          f"{got.get('gpu_peak_gb')} host {got.get('host_peak_gb')} ({got.get('host_peak_scope')})")
+          f"{got.get('gpu_peak_gb')} host {got.get('host_peak_gb')} anonymous, {got.get('host_peak_rss_gb')} RSS "
+          f"with mapped files ({got.get('host_peak_scope')})")
     metrics = m.get("metrics") or {}
     keep = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict)) and k not in ("loss_curve",)}
     print("     ", json.dumps(keep)[:600])
@@ -79,6 +95,10 @@ PY
 }
 
 case $what in
+  both)
+    FREE_GIB=12 HOST_LIMIT_GB=8 bash "$0" "$out" small-cards
+    FREE_GIB=79 bash "$0" "$out" wide
+    ;;
   small-cards)
     make_model /tmp/llama7b 4096 32 32 32 11008
     for free in ${FREE_GIB:-12 16}; do
@@ -94,7 +114,9 @@ case $what in
     ;;
   wide)
     make_model /tmp/wide70b 8192 4 64 8 28672
+    ballast "${FREE_GIB:-79}"  # an 80 GB card, also on an H200
     pipeline wide70b /tmp/wide70b
+    release
     mkdir -p /tmp/llama70b-config
     python - <<'PY'
 import json, shutil

@@ -168,16 +168,43 @@ def tokenizer_check(path: Path, tokenizer, examples) -> dict:
     same_tokens = all(g_tok(t, add_special_tokens=False)["input_ids"]
                       == tokenizer(t, add_special_tokens=False)["input_ids"]
                       for t in texts)
-    same_bos = g_tok("a")["input_ids"] == tokenizer("a")["input_ids"]
+    # BOS/EOS: what the file tells llama.cpp (its metadata), against what merged/'s tokenizer really does.
+    # Not through transformers' GGUF loader: whether it honours tokenizer.ggml.add_bos_token depends on its
+    # version (5.17 ignores it for gpt2-style vocabularies, 5.25 does not), and llama.cpp reads the flag.
+    in_file, in_merged = special_tokens_in_file(path), special_tokens_added(tokenizer)
+    same_bos = in_file == in_merged
     same_template = ((getattr(g_tok, "chat_template", None) or None)
                      == (getattr(tokenizer, "chat_template", None) or None))
     problem = ("tokenizes the examples differently from merged/" if not same_tokens else
-               "adds special tokens (BOS/EOS) differently from merged/: "
-               f"'a' is {g_tok('a')['input_ids']} from the GGUF, {tokenizer('a')['input_ids']} from merged/"
-               if not same_bos else
+               f"adds special tokens (BOS/EOS) differently from merged/: the GGUF says {in_file}, merged/'s "
+               f"tokenizer does {in_merged}" if not same_bos else
                "chat template differs from merged/'s" if not same_template else "")
     return {"passed": not problem, "problem": problem, "same_tokens": same_tokens, "same_special_tokens": same_bos,
             "same_chat_template": same_template}
+
+
+def special_tokens_added(tokenizer) -> dict:
+    """Which special tokens merged/'s tokenizer puts around a text, and their ids."""
+    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id is not None and full[:1] == [tokenizer.bos_token_id] and plain[:1] != full[:1]
+    eos = tokenizer.eos_token_id is not None and full[-1:] == [tokenizer.eos_token_id] and plain[-1:] != full[-1:]
+    return {"add_bos": bool(bos), "add_eos": bool(eos), "bos_id": tokenizer.bos_token_id if bos else None,
+            "eos_id": tokenizer.eos_token_id if eos else None}
+
+
+def special_tokens_in_file(path: Path) -> dict:
+    """The same, from the GGUF's metadata (what llama.cpp reads); the file is memory-mapped, nothing loaded."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+
+    def value(key):
+        field = fields.get(key)
+        return None if field is None or not field.data else field.parts[field.data[0]][0].item()
+
+    bos, eos = bool(value("tokenizer.ggml.add_bos_token")), bool(value("tokenizer.ggml.add_eos_token"))
+    return {"add_bos": bos, "add_eos": eos, "bos_id": value("tokenizer.ggml.bos_token_id") if bos else None,
+            "eos_id": value("tokenizer.ggml.eos_token_id") if eos else None}
 
 
 def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, min_agreement: float) -> dict:
