@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import click
@@ -213,9 +212,7 @@ def _main(argv) -> int:
     try:
         cli.main(args=argv, prog_name="job", standalone_mode=False)
     except click.exceptions.Abort:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
-        click.echo("interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue",
-                   err=True)
-        return 130
+        return _interrupted()
     except click.ClickException as exc:
         from job.logs import json_lines, mask_usage_error, setup_logging
 
@@ -231,13 +228,29 @@ def _main(argv) -> int:
         log.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue",
-                   err=True)
-        return 130
-    except Exception:  # noqa: BLE001 - the last resort: log the traceback, exit 1
-        log.error("unexpected error:\n%s", traceback.format_exc())
+        return _interrupted()
+    except Exception as exc:  # noqa: BLE001 - the last resort: log the traceback, exit 1
+        # exc_info: the text format prints the traceback under the message; a JSON line carries it in
+        # `exception` (README, Logs), with the error itself in `message`.
+        log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=True)
         return EXIT_UNEXPECTED
     return 0
+
+
+INTERRUPTED = "interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue"
+
+
+def _interrupted() -> int:
+    """Ctrl-C's message: a log record (a JSON line under JOB_LOG_FORMAT=json), else plain text on stderr."""
+    from job.logs import json_lines, setup_logging
+
+    if json_lines():
+        if not logging.getLogger().handlers:  # Ctrl-C before the group set logging up
+            setup_logging()
+        log.error("%s", INTERRUPTED)
+    else:
+        click.echo(INTERRUPTED, err=True)
+    return 130
 
 
 def _record_exit_code(code: int) -> int:
