@@ -165,10 +165,14 @@ def convert_gguf(source, out_dir, dtype, force):
     """
     from pathlib import Path
 
-    from job.config import Config
+    from job.config import Config, _not_utf8
     from job.gguf import cache_key, convert, resolve_gguf
     from job.platform import cache_dir
 
+    if out_dir and (problem := _not_utf8(out_dir)):
+        # Checked before converting: the folder is printed (and logged) at the end, which a path that is not
+        # UTF-8 cannot be, so the conversion would run and then fail. (Paths the job only reads may be any bytes.)
+        raise click.UsageError(f"--out: {problem}; the converted folder's path is printed, so name it in UTF-8")
     path = resolve_gguf(source)
     target = Path(out_dir) if out_dir else cache_dir(Config()) / "models" / cache_key(path, dtype)
     click.echo(convert(path, target, dtype=dtype, force=force))
