@@ -49,6 +49,26 @@ def varlen_unavailable_reason() -> str | None:
     return None
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why the attention `name` cannot run on this machine, checked before a model loads (None: it can, as
+    far as can be told without running it). Without this, a missing flash-attn is an ImportError inside
+    from_pretrained and flex_attention on a CPU a NotImplementedError at the first training step."""
+    import importlib.util
+
+    if name == NAME:
+        return varlen_unavailable_reason()
+    if name in ("flash_attention_2", "flash_attention_3"):
+        package, module = (("flash-attn", "flash_attn") if name.endswith("2")
+                           else ("flash-attn 3", "flash_attn_interface"))
+        if importlib.util.find_spec(module) is None:
+            return f"the {package} package is not installed (it builds against CUDA: NVIDIA GPUs only)"
+        if not torch.cuda.is_available():
+            return "no CUDA device (FlashAttention runs on NVIDIA GPUs only)"
+    if name == "flex_attention" and not torch.cuda.is_available():
+        return "no CUDA device (flex_attention compiles GPU kernels; on a CPU it fails at the first step)"
+    return None
+
+
 def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32, starting at 0 and ending at the token count) and the longest document's length.
 
@@ -163,6 +183,8 @@ def choose_training_attention(requested: str, packing: bool) -> tuple[str, str]:
                              "use auto or sdpa")
         return NAME, "set by model.attn_implementation"
     if requested != "auto":
+        if problem := unavailable_reason(requested):
+            raise ValueError(f"model.attn_implementation: {requested} cannot run here: {problem}; use auto or sdpa")
         return requested, "set by model.attn_implementation"
     problem = varlen_unavailable_reason()
     if problem is None and not packing:

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import click
@@ -185,10 +184,14 @@ def convert_gguf(source, out_dir, dtype, force):
     """
     from pathlib import Path
 
-    from job.config import Config
+    from job.config import Config, _not_utf8
     from job.gguf import cache_key, convert, resolve_gguf
     from job.platform import cache_dir
 
+    if out_dir and (problem := _not_utf8(out_dir)):
+        # Checked before converting: the folder is printed (and logged) at the end, which a path that is not
+        # UTF-8 cannot be, so the conversion would run and then fail. (Paths the job only reads may be any bytes.)
+        raise click.UsageError(f"--out: {problem}; the converted folder's path is printed, so name it in UTF-8")
     path = resolve_gguf(source)
     target = Path(out_dir) if out_dir else cache_dir(Config()) / "models" / cache_key(path, dtype)
     click.echo(convert(path, target, dtype=dtype, force=force))
@@ -234,9 +237,7 @@ def _main(argv) -> int:
     try:
         cli.main(args=argv, prog_name="job", standalone_mode=False)
     except click.exceptions.Abort:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
-        click.echo("interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue",
-                   err=True)
-        return 130
+        return _interrupted()
     except click.ClickException as exc:
         from job.logs import json_lines, mask_usage_error, setup_logging
 
@@ -252,9 +253,7 @@ def _main(argv) -> int:
         log.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue",
-                   err=True)
-        return 130
+        return _interrupted()
     except Exception as exc:  # noqa: BLE001 - the last resort: log the traceback, exit 1
         from job.memory import is_out_of_memory, out_of_memory_error
 
@@ -262,9 +261,27 @@ def _main(argv) -> int:
             error = out_of_memory_error(None, exc)
             log.error("%s", error)
             return error.exit_code
-        log.error("unexpected error:\n%s", traceback.format_exc())
+        # exc_info: the text format prints the traceback under the message; a JSON line carries it in
+        # `exception` (README, Logs), with the error itself in `message`.
+        log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=True)
         return EXIT_UNEXPECTED
     return 0
+
+
+INTERRUPTED = "interrupted (Ctrl-C): exit 130; finished stages are kept, rerun the same command to continue"
+
+
+def _interrupted() -> int:
+    """Ctrl-C's message: a log record (a JSON line under JOB_LOG_FORMAT=json), else plain text on stderr."""
+    from job.logs import json_lines, setup_logging
+
+    if json_lines():
+        if not logging.getLogger().handlers:  # Ctrl-C before the group set logging up
+            setup_logging()
+        log.error("%s", INTERRUPTED)
+    else:
+        click.echo(INTERRUPTED, err=True)
+    return 130
 
 
 def _record_exit_code(code: int) -> int:

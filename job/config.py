@@ -590,6 +590,11 @@ def _check_field_rules(cfg: Config) -> list[str]:
     return problems
 
 
+# model.attn_implementation: transformers' kernels, "varlen" (job/attention.py) and "auto". Whether the chosen
+# one can run on this machine (flash-attn installed, a GPU) is checked before a model loads (job/attention.py).
+ATTENTION_NAMES = ("auto", "varlen", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 def _check_values(cfg: Config) -> list[str]:
     problems = _check_field_rules(cfg)
     for key in ("train.micro_batch_size", "train.packing_length"):
@@ -607,6 +612,10 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append(f"evaluate.temperature: must be positive, got {cfg.evaluate.temperature}")
     if not 0 <= cfg.train.lora_dropout < 1:
         problems.append(f"train.lora_dropout: must be in [0, 1), got {cfg.train.lora_dropout}")
+    attention = cfg.model.attn_implementation
+    if attention not in ATTENTION_NAMES and "/" not in str(attention):
+        problems.append(f"model.attn_implementation: unknown attention {attention!r}; use one of "
+                        f"{', '.join(ATTENTION_NAMES)} (or a Hub kernel repo such as kernels-community/flash-attn)")
     if cfg.data.source_column == cfg.data.target_column:
         problems.append("data.source_column and data.target_column: must name different columns")
     if cfg.prompt.original_key == cfg.prompt.output_key:
@@ -726,6 +735,9 @@ def _check_run_values(cfg: Config) -> list[str]:
     return problems
 
 
+EXPORT_NAME_MAX = 200
+
+
 def _check_export(cfg: Config) -> list[str]:
     """export.*: known GGUF types, a usable file name, and merge enabled when export is."""
     e, problems = cfg.export, []
@@ -736,6 +748,16 @@ def _check_export(cfg: Config) -> list[str]:
                         f"(K-quants such as q4_k_m: run llama-quantize on the f16 file), got {e.gguf!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", e.name or ""):
         problems.append(f"export.name: must be a file name stem (letters, digits, . _ -), got {e.name!r}")
+    elif len(e.name) > EXPORT_NAME_MAX:  # <name>.<type>.gguf and its temporary name must fit a file name
+        problems.append(f"export.name: {len(e.name)} characters, at most {EXPORT_NAME_MAX} (file names stop at 255 "
+                        f"bytes and the export writes {e.name[:12]}....<type>.gguf); got {e.name[:40]!r}...")
+    if e.enabled:
+        # The Ollama Modelfile holds the training prompt in TEMPLATE """...""": a prompt with """ cannot be
+        # written there. Refused only when the export runs: training and evaluation take any prompt.
+        quoted = [f"prompt.{k}" for k in ("preamble", "instruction") if '"""' in str(getattr(cfg.prompt, k))]
+        if quoted:
+            problems.append(f"{', '.join(quoted)}: contains \"\"\", which the Ollama Modelfile's "
+                            "TEMPLATE \"\"\"...\"\"\" cannot hold; change the text or set export.enabled: false")
     if not 0 <= e.min_agreement <= 1:
         problems.append(f"export.min_agreement: must be between 0 and 1 (0: per-type default), got {e.min_agreement}")
     if e.enabled and not cfg.merge.enabled:

@@ -115,7 +115,12 @@ def revision_identity(uri: str, cache_root: Path, timeout: float = 10.0) -> dict
     """{"commit": sha} that hf://...[@REVISION] names now, for the stage fingerprints (job/stages/__init__.py):
     a branch that moved makes the stage stale in `job plan` and `job run`. A commit sha is its own answer;
     with HF_HUB_OFFLINE=1 the ref the cache recorded answers; otherwise one metadata request. None when it
-    cannot be known now (the hub is down, no access): the pipeline then keeps what the marker recorded."""
+    cannot be known now (the hub is down, no access) and the cache has no commit for it: the pipeline then
+    keeps what the marker recorded.
+
+    A hub that does not answer (a 503, a timeout) while the cache holds the revision: the stage will run
+    from that cached commit (huggingface_hub falls back to it), so that commit is the identity, with a
+    warning; recording "unknown" would call the run stale once the hub is back."""
     try:
         ref = parse_hf_uri(uri)
     except InputError:
@@ -124,16 +129,46 @@ def revision_identity(uri: str, cache_root: Path, timeout: float = 10.0) -> dict
         return {"commit": ref.revision}
     try:
         from huggingface_hub import HfApi, constants
-        from huggingface_hub.file_download import repo_folder_name
-
-        if constants.HF_HUB_OFFLINE:
-            cached = hub_cache(cache_root) / repo_folder_name(repo_id=ref.repo_id, repo_type=ref.repo_type) / "refs" / (
-                ref.revision or constants.DEFAULT_REVISION)
-            return {"commit": cached.read_text().strip()} if cached.is_file() else None
+    except ImportError:
+        return None
+    cached = _cached_commit(ref, cache_root)
+    if constants.HF_HUB_OFFLINE:
+        return {"commit": cached} if cached else None
+    try:
         info = HfApi().repo_info(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision, timeout=timeout)
         return {"commit": info.sha} if info.sha else None
-    except Exception:  # noqa: BLE001 - unknown is an answer here; the stage reports the real error when it runs
+    except Exception as exc:  # noqa: BLE001 - unknown is an answer here; the stage reports the real error when it runs
+        if cached and _unreachable(exc):
+            log.warning("%s: the hub did not answer (%s); using the commit the cache holds for %s: %s (the run "
+                        "records it; pin @%s to keep it when the hub is back)", uri, _first_line(exc),
+                        ref.revision or "the default branch", cached, cached)
+            return {"commit": cached}
         return None
+
+
+def _cached_commit(ref: HubRef, cache_root: Path) -> str | None:
+    """The commit the hub cache recorded for the revision (refs/<branch or tag>), if any."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    path = hub_cache(cache_root) / repo_folder_name(repo_id=ref.repo_id, repo_type=ref.repo_type) / "refs" / (
+        ref.revision or constants.DEFAULT_REVISION)
+    try:
+        commit = path.read_text().strip()
+    except OSError:
+        return None
+    return commit if _COMMIT.fullmatch(commit) else None
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The hub is down or unreachable (5xx, 408, 429, a transport error), as opposed to a refusal (401,
+    404: the repo or revision is gone or private, which the stage reports when it runs)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        return status is None or status >= 500 or status in (408, 429)
+    return True  # timeouts, refused connections
 
 
 def resolved_revision(uri: str, folder: Path) -> str | None:

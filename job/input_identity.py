@@ -1,10 +1,11 @@
 """What a stage's outside input is, cheaply: so a changed CSV at the same data.uri makes format stale.
 
 A local file up to HASH_LIMIT is identified by its SHA-256 (a copy or a `touch` changes nothing), a
-larger one by size and mtime; an S3 object by one HEAD request: ETag, VersionId (when the bucket is
-versioned) and size. None when it cannot be known (the file is missing, the endpoint is down): the
-pipeline then keeps what the stage's marker recorded, and a stage that has to run fails on its input
-with the real error.
+larger one by size and mtime; an S3 object by one HEAD request: ETag and size. Not its VersionId: a
+versioned bucket gives every upload a new one, even of the same bytes, and the same bytes must not make
+format stale (the ETag changes with the content). None when it cannot be known (the file is missing, the
+endpoint is down): the pipeline then keeps what the stage's marker recorded, and a stage that has to run
+fails on its input with the real error.
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ def file_identity(uri: str, storage: StorageConfig) -> Optional[dict]:
             parent, name = split_uri(uri)
             store = open_store(parent, storage)
             head = store.client.head_object(Bucket=store.bucket, Key=store._key(name))
-            identity = {"etag": head.get("ETag", "").strip('"'), "size": head.get("ContentLength")}
-            if head.get("VersionId") and head["VersionId"] != "null":
-                identity["version_id"] = head["VersionId"]
-            return identity
+            return {"etag": head.get("ETag", "").strip('"'), "size": head.get("ContentLength")}
         if "://" in uri.removeprefix("file://"):  # hf://, ... : another module knows its identity
             return None
         path = Path(uri.removeprefix("file://")).expanduser()

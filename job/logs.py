@@ -130,7 +130,9 @@ def setup_logging(level=logging.INFO, environ=os.environ) -> None:
     if not progress_bars():
         # Read by huggingface_hub, transformers ("Loading weights", "Writing model shards") and
         # datasets (map, packing) when they are imported, which happens after this.
-        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        # TQDM_DISABLE: the bars libraries draw with tqdm directly, past those switches (transformers'
+        # "Converting and de-quantizing GGUF tensors" when it loads a GGUF file).
+        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
             os.environ.setdefault(name, "1")
     adopt_library_loggers()
 

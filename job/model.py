@@ -121,6 +121,11 @@ def attn_implementation(cfg: Config, training: bool = False) -> str:
         return training_attention(cfg)[0]
     if cfg.model.attn_implementation in ("auto", "varlen"):
         return "sdpa"
+    from job.attention import unavailable_reason
+
+    if problem := unavailable_reason(cfg.model.attn_implementation):
+        raise InputError(f"model.attn_implementation: {cfg.model.attn_implementation} cannot run here: {problem}; "
+                         "use auto or sdpa")
     return cfg.model.attn_implementation
 
 

@@ -135,7 +135,13 @@ def flat_config(cfg: Config, keys: tuple[str, ...], ignore: tuple[str, ...] = ()
 
 
 def _same_uri(key: str, value):
-    """'s3://b/model/' and 's3://b/model' name the same thing: a trailing slash changes no fingerprint."""
+    """'s3://b/model/' and 's3://b/model' name the same thing: a trailing slash changes no fingerprint.
+    hf://ORG/NAME@REVISION counts by the commit it names (the stage's input identity, job/hub.py), not by how
+    it is spelled: no revision, @main and @<sha> of the same commit are the same input."""
+    from job.hub_uri import is_hf_uri
+
+    if isinstance(value, str) and key.endswith("uri") and is_hf_uri(value):
+        return value.split("@", 1)[0].rstrip("/")
     stripped = value.rstrip("/") if key.endswith("uri") and isinstance(value, str) else ""
     return stripped if stripped and not stripped.endswith(":") else value  # "/" and "s3://" stay
 

@@ -130,11 +130,12 @@ def read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
 
 
 # Files people hand over as "the CSV" that are something else: the first bytes tell which.
-MAGIC = ((b"\x1f\x8b", "a gzip file (compressed): decompress it (gunzip)"),
-         (b"\x28\xb5\x2f\xfd", "a zstd file (compressed): decompress it (zstd -d)"),
+# The job reads gzip, zstd and Parquet itself: for those the way out is the right name.
+MAGIC = ((b"\x1f\x8b", "a gzip file (compressed): end its name in .gz (data.csv.gz) or decompress it (gunzip)"),
+         (b"\x28\xb5\x2f\xfd", "a zstd file (compressed): end its name in .zst or decompress it (zstd -d)"),
          (b"BZh", "a bzip2 file (compressed): decompress it (bunzip2)"),
          (b"\xfd7zXZ\x00", "an xz file (compressed): decompress it (unxz)"),
-         (b"PAR1", "a Parquet file: export it as CSV"),
+         (b"PAR1", "a Parquet file: end its name in .parquet or set data.format: parquet"),
          (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Excel workbook (.xls): save it as CSV UTF-8"),
          (codecs.BOM_UTF32_LE, "UTF-32 text: re-save it as UTF-8"),
          (codecs.BOM_UTF32_BE, "UTF-32 text: re-save it as UTF-8"),
@@ -202,9 +203,18 @@ def decompress(path: Path, compression: str, name: str, target: Path) -> Path:
     return target
 
 
+_QUOTED_FIELD = re.compile(rb'(^|\t)"', re.MULTILINE)
+
+
 def read_tsv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
-    """Tab-separated, one record a line, no quoting (as SNLI's own .txt files: quotes are text)."""
-    raw = _text_bytes(path, name)
+    """Tab-separated, one record a line. Quotes are text (as in SNLI's own .txt files), unless the file is
+    quoted the way pandas (`to_csv(sep="\t")`), the csv module and spreadsheets write TSV: a field that holds
+    a quote, tab or newline wrapped in quotes, inner quotes doubled. When every field that starts with a
+    quote parses that way, the file is read that way (as those tools read it back), so the same rows give
+    the same text as from a CSV; one that does not (`"Stop" said the man`) keeps every quote as text."""
+    raw = _text_bytes(path, name, "TSV")
+    if _QUOTED_FIELD.search(raw) and (records := _quoted_tsv(raw.decode("utf-8"))) is not None:
+        return _tsv_table(records, name, columns)
     header = raw.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8").split("\t")
     missing = [c for c in columns if c not in header]
     if missing:
@@ -227,18 +237,53 @@ def read_tsv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
     return to_text_frame(table, name, columns)
 
 
+def _quoted_tsv(text: str) -> list[tuple[int, list[str]]] | None:
+    """(first line, fields) of each record of a quoted TSV; None when a quote is not CSV quoting."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", strict=True)
+    records, start = [], 1
+    try:
+        for fields in reader:
+            if fields:
+                records.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error:
+        return None
+    return records
+
+
+def _tsv_table(records: list[tuple[int, list[str]]], name: str, columns: list[str]) -> pd.DataFrame:
+    header = records[0][1]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise InputError(_missing_message(name, missing, header))
+    bad = [(line, fields) for line, fields in records[1:] if len(fields) != len(header)]
+    if bad:
+        line, fields = bad[0]
+        raise InputError(f"{name}: line {line} has {len(fields)} tab-separated fields instead of the header's "
+                         f"{len(header)}: {chr(9).join(fields)[:80]!r}; {len(bad)} such row(s)")
+    index = {c: header.index(c) for c in columns}
+    return to_text_frame(pa.table({c: pa.array([fields[index[c]] for _, fields in records[1:]], pa.string())
+                                   for c in columns}), name, columns)
+
+
 def read_jsonl(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
     """One JSON object a line; pyarrow's parser, with a line-by-line pass to name the line when it fails or
     when a column mixes types (a label that is 2 in one line and "2" in another)."""
     import pyarrow.json as pajson
 
-    raw = _text_bytes(path, name)
+    raw = _text_bytes(path, name, "JSON lines")
+    # The needed columns are declared text: pyarrow would otherwise turn "2020-01-01" into a timestamp. A
+    # number, boolean or escape pyarrow refuses (a lone surrogate), or a column absent from every line,
+    # goes to the line-by-line pass, which converts or names the line.
     try:
         table = pajson.read_json(io.BytesIO(raw), read_options=pajson.ReadOptions(
-            block_size=max(1 << 20, min(len(raw) + 1, 64 << 20))))
+            block_size=max(1 << 20, min(len(raw) + 1, 64 << 20))), parse_options=pajson.ParseOptions(
+            explicit_schema=pa.schema([(c, pa.string()) for c in columns])))
+        if any(table.column(c).null_count == table.num_rows for c in columns):
+            raise pa.ArrowInvalid("a column with no values")
     except pa.ArrowInvalid:
         table = _jsonl_by_line(raw.decode("utf-8"), name, columns)
-    return to_text_frame(table, name, columns)
+    return to_text_frame(table.select(columns) if set(columns) <= set(table.column_names) else table, name, columns)
 
 
 def _jsonl_by_line(text: str, name: str, columns: list[str]) -> pa.Table:
@@ -262,7 +307,15 @@ def _jsonl_by_line(text: str, name: str, columns: list[str]) -> pa.Table:
 
 
 def _as_text(value, name: str, line: int, column: str):
-    if value is None or isinstance(value, str):
+    if value is None:
+        return value
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # json.loads accepts "\ud800"; no UTF-8 file can hold it
+            raise InputError(f"{name}: line {line}, column {column}: {value[exc.start:exc.end]!r} is half of a "
+                             "UTF-16 surrogate pair (an escaped \\ud800-\\udfff without its partner), not text; "
+                             "fix the escape or drop the line") from None
         return value
     if isinstance(value, (dict, list)):
         raise InputError(f"{name}: line {line}, column {column}: holds a JSON {type(value).__name__}, expected text "
@@ -284,12 +337,14 @@ def read_parquet(paths: list[Path], name: str, columns: list[str]) -> pd.DataFra
         if missing:
             raise InputError(_missing_message(name, missing, schema.names))
         try:
-            tables.append(pq.read_table(path, columns=columns))
+            table = pq.read_table(path, columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{name}: {Path(path).name}: cannot read the Parquet data "
                              f"({str(exc).splitlines()[0]})") from None
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
-    return to_text_frame(table, name, columns)
+        # Each file to text on its own: shards of a Hub dataset may store a column as int64 in one and as
+        # string in another, which pyarrow cannot concatenate, while as text they agree.
+        tables.append(to_text_table(table, name if len(paths) == 1 else f"{name}: {Path(path).name}", columns))
+    return text_frame(tables[0] if len(tables) == 1 else pa.concat_tables(tables), name, columns)
 
 
 def read_hub_dataset(cfg: Config, columns: list[str]) -> pd.DataFrame:
@@ -300,9 +355,12 @@ def read_hub_dataset(cfg: Config, columns: list[str]) -> pd.DataFrame:
 
     uri, split = cfg.data.uri, cfg.data.split
     ref = hub.parse_hf_uri(uri, "data.uri")
-    folder = hub.download(ref, cache_dir(cfg), allow_patterns=[f"*{split}*.parquet"],
+    # The split's name exactly: "validation" must not also read validation_matched-*.parquet (MultiNLI).
+    # The Hub names shards SPLIT-00000-of-00002.parquet, so "-" ends the split's name and "_" does not.
+    folder = hub.download(ref, cache_dir(cfg), allow_patterns=[f"*{split}-*.parquet", f"*{split}.parquet",
+                                                               f"*{split}/*.parquet"],
                           max_attempts=cfg.storage.max_attempts, key="data.uri")
-    pattern = re.compile(rf"(^|/){re.escape(split)}([-_.][^/]*)?\.parquet$|(^|/){re.escape(split)}/[^/]+\.parquet$")
+    pattern = re.compile(rf"(^|/){re.escape(split)}(-[^/]*)?\.parquet$|(^|/){re.escape(split)}/[^/]+\.parquet$")
     files = sorted(p for p in folder.rglob("*.parquet") if pattern.search(p.relative_to(folder).as_posix()))
     if not files:
         raise InputError(f"data.uri {uri}: no Parquet files for split {split!r} (looked for {split}-*.parquet and "
@@ -313,11 +371,23 @@ def read_hub_dataset(cfg: Config, columns: list[str]) -> pd.DataFrame:
 
 def to_text_frame(table: pa.Table, name: str, columns: list[str]) -> pd.DataFrame:
     """The columns as pandas text (object) columns without nulls; integers and booleans written as in a CSV."""
+    return text_frame(to_text_table(table, name, columns), name, columns)
+
+
+def text_frame(table: pa.Table, name: str, columns: list[str]) -> pd.DataFrame:
+    """A table of text columns (to_text_table) as pandas, refused when empty or holding a broken field."""
+    if table.num_rows == 0:
+        raise InputError(f"{name}: has no data rows")
+    frame = table.to_pandas()[columns]
+    check_field_lengths(frame, name, columns)
+    return frame
+
+
+def to_text_table(table: pa.Table, name: str, columns: list[str]) -> pa.Table:
+    """The columns as valid UTF-8 string columns, nulls as ""."""
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise InputError(_missing_message(name, missing, table.column_names))
-    if table.num_rows == 0:
-        raise InputError(f"{name}: has no data rows")
     out = {}
     for c in columns:
         column = table.column(c)
@@ -329,14 +399,35 @@ def to_text_frame(table: pa.Table, name: str, columns: list[str]) -> pd.DataFram
                                                  for v in chunk.to_pylist()], pa.string()) for chunk in column.chunks],
                                       pa.string())
         elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind) \
-                or pa.types.is_large_string(kind) or pa.types.is_null(kind):
+                or pa.types.is_null(kind):
             column = column.cast(pa.string())
-        elif not pa.types.is_string(kind):
+        elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            _check_utf8(column, name, c)
+            column = column.cast(pa.string())
+        else:
             raise InputError(f"{name}: column {c} holds {kind} values, expected text or numbers")
         out[c] = column.fill_null("")
-    frame = pa.table(out).to_pandas()[columns]
-    check_field_lengths(frame, name, columns)
-    return frame
+    return pa.table(out, schema=pa.schema([(c, pa.string()) for c in columns]))
+
+
+def _check_utf8(column: pa.ChunkedArray, name: str, column_name: str) -> None:
+    """Parquet stores strings as bytes and does not promise they are UTF-8 (a writer that skipped the
+    check): name the first row that is not, instead of failing later in pandas or in the JSON writer."""
+    row = 0
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            values = chunk.view(pa.binary() if pa.types.is_string(chunk.type) else pa.large_binary()).to_pylist()
+            for i, value in enumerate(values):
+                try:
+                    if value is not None:
+                        value.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"{name}: row {row + i + 1}, column {column_name}: not valid UTF-8 "
+                                     f"({value[exc.start:exc.start + 4]!r}); write the strings as UTF-8") from None
+            raise
+        row += len(chunk)
 
 
 def check_field_lengths(frame: pd.DataFrame, name: str, columns: list[str], hint: str = "") -> None:
@@ -348,8 +439,12 @@ def check_field_lengths(frame: pd.DataFrame, name: str, columns: list[str], hint
                          f"characters (limit {MAX_FIELD_CHARS:,}){hint}")
 
 
-def _text_bytes(path: Path, name: str) -> bytes:
+def _text_bytes(path: Path, name: str, kind: str) -> bytes:
+    """The bytes of a TSV or JSON lines file (`kind`), checked to be UTF-8 text; a file that is something
+    else (gzip, Parquet, ...) is named for what it is, as the CSV reader does."""
     raw = Path(path).read_bytes()
+    if (what := binary_kind(raw)) is not None:
+        raise InputError(f"{name} is {what}, not a {kind} file")
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     if not raw.strip():

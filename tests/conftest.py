@@ -7,6 +7,7 @@ import pytest
 
 # Session fixtures shared by several modules live here: imported into each test module instead, pytest
 # would build them once per module.
+import tests.hypothesis_profiles  # noqa: F401  (registers and loads the ci / thorough profiles)
 from tests.model_fixtures import run_setup, smollm2_conversion, tiny_model_dir  # noqa: F401
 from tests.s3server import fake_aws_env, make_bucket, moto_server, s3_bucket, s3rver_server, store_root  # noqa: F401
 

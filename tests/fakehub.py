@@ -8,7 +8,8 @@
 Errors as the Hub sends them: 404 with X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound, and
 for a gated repo without the right `Authorization: Bearer <token>` 401 with X-Error-Code GatedRepo.
 `cut_after_bytes` makes the server stop answering (connection closed, then refused) once a file
-body has sent that many bytes: an endpoint that goes down mid-download. huggingface_hub reads HF_ENDPOINT
+body has sent that many bytes: an endpoint that goes down mid-download; `fail_status` answers every request
+with that status (503: a Hub that is down). huggingface_hub reads HF_ENDPOINT
 at import: point a job's process at `hub.url` through its environment.
 """
 
@@ -35,6 +36,7 @@ class FakeHub:
     repos: dict[tuple[str, str], Repo] = field(default_factory=dict)  # (models|datasets, ORG/NAME) -> Repo
     token: str = ""
     cut_after_bytes: int | None = None
+    fail_status: int | None = None  # answer every request with this status (503: the Hub is down)
     requests: list[str] = field(default_factory=list)  # "METHOD path", for assertions
     _server: ThreadingHTTPServer | None = None
     port: int = 0
@@ -99,6 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, head: bool) -> None:
         self.fake.requests.append(f"{self.command} {self.path}")
+        if self.fake.fail_status is not None:
+            return self._error(self.fake.fail_status, "ServiceUnavailable", "the hub is down (fake)")
         path = self.path.split("?", 1)[0]
         api = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(/.*)?)?", path)
         resolve = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)

@@ -134,8 +134,13 @@ def test_padding_mask_is_refused():
 def test_choice_on_cpu():
     name, reason = choose_training_attention("auto", packing=True)
     assert name == "sdpa" and "no CUDA" in reason
-    assert choose_training_attention("flex_attention", packing=True) == ("flex_attention",
-                                                                          "set by model.attn_implementation")
+    assert choose_training_attention("eager", packing=True) == ("eager", "set by model.attn_implementation")
+    # flex_attention failed at the first step on a CPU (NotImplementedError), flash_attention_2 without
+    # flash-attn in from_pretrained (ImportError): both are refused before the model loads
+    with pytest.raises(ValueError, match="flex_attention cannot run here: no CUDA device"):
+        choose_training_attention("flex_attention", packing=True)
+    with pytest.raises(ValueError, match="flash_attention_2 cannot run here: the flash-attn package is not installed"):
+        choose_training_attention("flash_attention_2", packing=True)
     with pytest.raises(ValueError, match="varlen cannot run here: no CUDA"):
         choose_training_attention("varlen", packing=True)
 
@@ -148,6 +153,22 @@ def test_inference_never_uses_varlen():
         cfg = load_config(None, ("run_uri=/r", "data.uri=d.csv", "model.uri=/m",
                                  f"model.attn_implementation={setting}"), environ={})
         assert attn_implementation(cfg) == "sdpa"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case: no CUDA device, no flash-attn")
+def test_attention_that_cannot_run_here_exits_2_in_predict_and_unknown_names_at_config_load(tiny_model_dir):  # noqa: F811
+    """Inference (predict, merge, evaluate) checks the same way before loading; a misspelt name is refused
+    when the config loads (`job config`), on any machine."""
+    for name, why in (("flash_attention_2", "the flash-attn package is not installed"),
+                      ("flex_attention", "no CUDA device")):
+        result = run_job("predict", "--model", str(tiny_model_dir), "--set", f"model.attn_implementation={name}",
+                         "A man is sleeping.")
+        assert result.returncode == 2, result.stderr
+        assert f"model.attn_implementation: {name} cannot run here: {why}" in result.stderr
+        assert "Traceback" not in result.stderr
+    result = run_job("config", "--set", "run_uri=/r", "--set", "data.uri=d.csv", "--set", "model.uri=/m",
+                     "--set", "model.attn_implementation=flash_attn2")
+    assert result.returncode == 2 and "model.attn_implementation: unknown attention 'flash_attn2'" in result.stderr
 
 
 def test_varlen_on_cpu_exits_2_before_training(tmp_path, tiny_model_dir):  # noqa: F811

@@ -381,3 +381,21 @@ def test_full_cache_disk_during_model_download_exits_3(s3_bucket, small_cache, t
                      env=job_env(endpoint, JOB_CACHE_DIR=small_cache))
     _full_disk_failure(result, small_cache)
     assert not any(small_cache.rglob("*.safetensors")), "a partial download was left behind"
+
+
+@pytest.mark.parametrize("targets, named", [("[norm]", "norm (LlamaRMSNorm)"), ("[q_proj, mlp]", "mlp (LlamaMLP)")])
+def test_target_modules_that_are_not_linear_layers_are_named(tiny_model_dir, targets, named):  # noqa: F811
+    """`norm` and `mlp` exist in a Llama but are not layers LoRA can wrap: exit 2 (InputError) naming them and
+    listing the linear layers, instead of PEFT's ValueError while the adapter is built."""
+    from transformers import AutoModelForCausalLM
+
+    from job.config import load_config
+    from job.errors import InputError
+    from job.stages.train_checks import check_target_modules
+
+    cfg = load_config(None, ("run_uri=/r", "data.uri=/d.csv", "model.uri=/m", f"train.target_modules={targets}"),
+                      environ={})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(InputError) as failure:
+        check_target_modules(model, cfg.train.target_modules, "tiny")
+    assert named in str(failure.value) and "its linear layers are q_proj, k_proj" in str(failure.value)

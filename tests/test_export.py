@@ -373,3 +373,19 @@ def test_kill_during_export_then_rerun(trained_run, tmp_path):  # noqa: F811
     result = run_job(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (root / "export").iterdir()) == ["Modelfile", "model.f16.gguf", "model.q8_0.gguf"]
+
+
+def test_export_name_and_prompt_that_would_fail_after_training_are_refused_at_config_load():
+    """A 250-character export.name failed with `File name too long` after format, train and merge; a prompt
+    holding \"\"\" was refused by the export's Modelfile after everything else ran (exit 1). Both are config
+    errors now; the prompt only when the export runs (the Modelfile is the only place it breaks)."""
+    from job.config import load_config
+    from job.errors import ConfigError
+
+    base = ("run_uri=/r", "data.uri=/d.csv", "model.uri=/m")
+    with pytest.raises(ConfigError, match="export.name: 250 characters, at most 200"):
+        load_config(None, base + ("export.name=" + "n" * 250,), environ={})
+    quoted = 'prompt.instruction=Answer with """JSON""".'
+    with pytest.raises(ConfigError, match=r'prompt.instruction: contains """, which the Ollama Modelfile'):
+        load_config(None, base + (quoted, "export.enabled=true"), environ={})
+    assert '"""' in load_config(None, base + (quoted,), environ={}).prompt.instruction  # no export: fine

@@ -85,10 +85,17 @@ def test_hub_dataset_with_integer_labels(tmp_path):
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)
         return sink.getvalue().to_pybytes()
 
+    # Two train shards that disagree on the label's type (int64, then string: pyarrow cannot concatenate
+    # them, as text they agree), and MultiNLI-style validation_matched / _mismatched splits that
+    # data.split=validation must not read.
+    half = len(hub_frame) // 2
     hub = FakeHub()
     hub.add_repo("datasets", "org/snli", {"main": {
-        "plain_text/train-00000-of-00001.parquet": parquet_bytes(hub_frame),
+        "plain_text/train-00000-of-00002.parquet": parquet_bytes(hub_frame.iloc[:half]),
+        "plain_text/train-00001-of-00002.parquet": parquet_bytes(hub_frame.iloc[half:].astype({"label": str})),
         "plain_text/test-00000-of-00001.parquet": parquet_bytes(hub_frame.head(30)),
+        "plain_text/validation_matched-00000-of-00001.parquet": parquet_bytes(hub_frame.head(30)),
+        "plain_text/validation_mismatched-00000-of-00001.parquet": parquet_bytes(hub_frame.head(30)),
         "README.md": b"# snli"}})
     hub.start()
     try:
@@ -101,6 +108,7 @@ def test_hub_dataset_with_integer_labels(tmp_path):
         missing = format_run(str(tmp_path / "hub-split"), "hf://datasets/org/snli", env, *columns,
                              "data.split=validation")
         assert missing.returncode == 2 and "no Parquet files for split 'validation'" in missing.stderr
+        assert not [r for r in hub.requests if "validation_" in r and "/resolve/" in r]
     finally:
         hub.stop()
     csv_run = format_run(str(tmp_path / "csv-run"), str(SNLI_SAMPLE), env)
@@ -124,6 +132,16 @@ BAD = [
     ("empty.jsonl", b"\n", (), "the file is empty"),
     ("data.xlsx", b"PK\x03\x04", (), "cannot tell the format from the name"),
     ("latin1.tsv", b"gold_label\tsentence1\tsentence2\ncontradiction\tcaf\xe9\tb\n", (), "line 2 (byte"),
+    # An escaped lone surrogate: json.loads accepts it, no UTF-8 file can hold it.
+    ("surrogate.jsonl", b'{"sentence1": "a", "sentence2": "b", "gold_label": "contradiction"}\n'
+     b'{"sentence1": "x\\ud800", "sentence2": "b", "gold_label": "contradiction"}\n', (),
+     "surrogate.jsonl: line 2, column sentence1: '\\ud800' is half of a UTF-16 surrogate pair"),
+    # Compressed or Parquet bytes under a text name: named for what they are, not "re-save as UTF-8".
+    ("packed.jsonl", b"\x1f\x8b\x08\x00\x00\x00", (), "packed.jsonl is a gzip file (compressed): end its name in .gz"),
+    ("table.tsv", b"PAR1\x00\x00PAR1", (), "table.tsv is a Parquet file: end its name in .parquet"),
+    ("zst.json", b"\x28\xb5\x2f\xfd\x00\x00", (), "zst.json is a zstd file"),
+    # "2020-01-01" is text, not a timestamp pyarrow inferred (which the reader then refused).
+    ("date.jsonl", b'{"sentence1": "2020-01-01", "sentence2": "b", "gold_label": "contradiction"}\n', (), None),
 ]
 
 
@@ -137,6 +155,10 @@ def test_bad_input_in_each_format_is_named(tmp_path, name, data, extra, expected
     path = tmp_path / name
     path.write_bytes(data)
     cfg = load_config(None, (f"run_uri={tmp_path / 'run'}", f"data.uri={path}", "model.uri=/m", *extra), environ={})
+    if expected is None:  # read as it stands
+        frame = read_rows(cfg, tmp_path, ["gold_label", "sentence1", "sentence2"])
+        assert frame["sentence1"].tolist() == ["2020-01-01"]
+        return
     with pytest.raises(InputError) as failure:
         read_rows(cfg, tmp_path, ["gold_label", "sentence1", "sentence2"])
     assert expected in str(failure.value)

@@ -7,6 +7,7 @@ commit sha is checked by the hub run in tests/test_secrets.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -168,6 +169,55 @@ def test_a_moved_branch_makes_the_stage_stale_in_plan_and_run(tmp_path):
         refused = run_job("run", "--stages", "format", *branch, env=env)
         assert refused.returncode == 2 and "--force format" in refused.stderr
         assert run_job("plan", *pinned, env=env).stdout.startswith("format    done")
+    finally:
+        fake.stop()
+
+
+def test_hub_identity_is_the_commit_however_it_is_named_and_survives_a_hub_outage(tmp_path):
+    """The commit counts, not the spelling: @main and no revision at the same commit are the same input, and
+    after a push, pinning the old commit (@<sha>, the README's way out) keeps the run done. With the hub
+    answering 503, format runs from the cache, warns, and records the cached commit (not "unknown"), so the
+    run is not called stale once the hub is back."""
+    import io
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import SNLI_SAMPLE
+
+    def parquet_of(frame):
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+        return sink.getvalue()
+
+    frame = pd.read_csv(SNLI_SAMPLE, dtype=str, keep_default_na=False)
+    fake = FakeHub()
+    first = fake.add_repo("datasets", "org/snli", {"main": {"data/train-00000-of-00001.parquet": parquet_of(frame)}})
+    fake.start()
+    try:
+        env = hub_env(fake, tmp_path / "cache", JOB_STORAGE__MAX_ATTEMPTS=1)
+
+        def args(name, uri):
+            return ["--set", f"run_uri={tmp_path / name}", "--set", f"data.uri={uri}", "--set", "data.eval_size=20",
+                    "--set", "model.uri=/unused"]
+
+        done = run_job("run", "--stages", "format", *args("run", "hf://datasets/org/snli"), env=env)
+        assert done.returncode == 0, done.stderr
+        assert run_job("plan", *args("run", "hf://datasets/org/snli@main"), env=env).stdout.startswith("format    done")
+
+        fake.fail_status = 503
+        outage = run_job("run", "--stages", "format", *args("outage", "hf://datasets/org/snli"), env=env)
+        assert outage.returncode == 0, outage.stderr
+        assert "the hub did not answer" in outage.stderr and first["main"] in outage.stderr
+        marker = json.loads((tmp_path / "outage" / "_stages" / "format.json").read_text())
+        assert marker["inputs"] == {"data.uri": {"commit": first["main"]}}
+        fake.fail_status = None
+        assert run_job("plan", *args("outage", "hf://datasets/org/snli"), env=env).stdout.startswith("format    done")
+
+        fake.push("datasets", "org/snli", "main", {"data/train-00000-of-00001.parquet": parquet_of(frame.head(200))})
+        pinned = run_job("run", "--stages", "format", *args("run", f"hf://datasets/org/snli@{first['main']}"), env=env)
+        assert pinned.returncode == 0 and "format: done" in pinned.stderr + pinned.stdout, pinned.stderr
     finally:
         fake.stop()
 

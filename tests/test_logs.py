@@ -127,3 +127,51 @@ def test_progress_line_after_a_restart_and_without_numbers():
     assert progress_text(fields) == ("train: step 21/40 loss 1.2500 | elapsed 1:02:05, ETA ? | "
                                      "last checkpoint 20, before this restart")
     assert duration(59.6) == "1:00" and duration(None) == "?"
+
+
+def test_bars_that_libraries_draw_with_tqdm_stay_out_of_a_log_file_and_json(tmp_path):
+    """transformers draws "Converting and de-quantizing GGUF tensors" with tqdm directly (no HF switch): with
+    stderr a file, or JSON logs, no bar is written (tqdm honours TQDM_DISABLE, set by setup_logging)."""
+    import subprocess
+    import sys
+
+    code = ("from job.logs import setup_logging; setup_logging(); from tqdm.auto import tqdm; "
+            "list(tqdm(range(3), desc='Converting and de-quantizing GGUF tensors...'))")
+    for fmt in ("text", "json"):
+        log_file = tmp_path / f"{fmt}.log"
+        with open(log_file, "w") as stderr:
+            env = {k: v for k, v in job_env(JOB_LOG_FORMAT=fmt).items() if k != "TQDM_DISABLE"}
+            subprocess.run([sys.executable, "-c", code], stderr=stderr, check=True, env=env)
+        assert "de-quantizing" not in log_file.read_text(), log_file.read_text()
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError], ids=["ctrl-c", "unexpected"])
+def test_json_logs_carry_ctrl_c_and_an_unexpected_error_as_json(raised, monkeypatch, capsys):
+    """Under JOB_LOG_FORMAT=json, Ctrl-C's message is a JSON line (it was plain text), and an unexpected
+    error's traceback is in the documented `exception` field, the error in `message` (the traceback was
+    inside `message`)."""
+    import logging
+
+    from job import cli
+    from job.logs import setup_logging
+
+    def boom(*args, **kwargs):
+        raise raised("bug in a stage")
+
+    monkeypatch.setenv("JOB_LOG_FORMAT", "json")
+    monkeypatch.setattr(cli.cli, "main", boom)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    try:
+        setup_logging(environ={"JOB_LOG_FORMAT": "json"})
+        code = cli._main([])
+    finally:
+        root.handlers[:] = saved
+        monkeypatch.setattr("job.logs._format", "text")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    if raised is KeyboardInterrupt:
+        assert code == 130 and lines[0]["message"].startswith("interrupted (Ctrl-C): exit 130")
+    else:
+        assert code == 1 and lines[0]["message"] == "unexpected error: RuntimeError: bug in a stage"
+        assert lines[0]["exception"].startswith("Traceback") and "RuntimeError: bug in a stage" in lines[0]["exception"]

@@ -22,3 +22,20 @@ def test_header_size_and_damage(tmp_path):
     assert "header does not parse" in safetensors_problem(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").write_bytes(b"PK\x03\x04 not safetensors at all")
     assert safetensors_problem(tmp_path / "model.safetensors") == "is not a safetensors file"
+
+
+def test_convert_gguf_out_that_is_not_utf8_is_refused_before_converting(tmp_path):
+    """`job convert-gguf --out` with a path that is not UTF-8 converted the whole model and then failed printing
+    the folder (a traceback); it is refused first now, exit 2 naming --out, nothing written."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, job_env
+
+    out = bytes(tmp_path) + b"/model-\xff"
+    result = subprocess.run([sys.executable, "-m", "job", "convert-gguf", "--out", out], capture_output=True,
+                            env=job_env(JOB_CACHE_DIR=tmp_path / "cache"), cwd=ROOT, timeout=120)
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, stderr
+    assert "--out: not valid UTF-8 (byte 0xff" in stderr and "Traceback" not in stderr
+    assert not [p for p in tmp_path.iterdir() if p.name != "cache"]  # no model folder, no temporary sibling

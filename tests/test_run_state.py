@@ -92,6 +92,22 @@ def test_same_content_copied_again_stays_done(tmp_path):
     assert plan.returncode == 0 and "stale" not in plan.stdout, plan.stdout
 
 
+def test_same_bytes_uploaded_again_to_a_versioned_bucket_stay_done(s3_bucket, tmp_path):
+    """A versioned bucket gives every upload a new VersionId, even of the same bytes: ETag and size are the
+    identity, so uploading the CSV again does not make format stale ("content changed")."""
+    endpoint, bucket = s3_bucket
+    s3 = s3_client(endpoint)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    data_uri = f"s3://{bucket}/data/snli.csv"
+    root, env = f"s3://{bucket}/run", job_env(endpoint, JOB_CACHE_DIR=tmp_path / "cache")
+    s3.upload_file(str(SNLI_SAMPLE), bucket, "data/snli.csv")
+    assert run_job(*format_cmd(root, data_uri), env=env).returncode == 0
+    s3.upload_file(str(SNLI_SAMPLE), bucket, "data/snli.csv")  # same bytes, a new version
+    assert len(s3.list_object_versions(Bucket=bucket, Prefix="data/snli.csv")["Versions"]) == 2
+    plan = run_job(*format_cmd(root, data_uri, command="plan"), env=env)
+    assert plan.returncode == 0 and plan.stdout.startswith("format    done"), plan.stdout
+
+
 def test_refused_run_leaves_config_yaml_alone(formatted):
     root, endpoint, data_uri, env = formatted
     before = listing(root, endpoint)

@@ -39,6 +39,34 @@ def check_target_modules(model, target_modules, model_uri: str) -> None:
         raise InputError(f"train.target_modules: {', '.join(map(repr, unmatched))} match no module of the model "
                          f"{model_uri} (looked for {target_modules!r}); its linear layers are "
                          f"{', '.join(linear_module_names(model))}. Use some of those, or \"all-linear\"")
+    # A name that exists but is not a layer LoRA can wrap (a norm, a whole MLP block): PEFT would raise a
+    # ValueError while building the adapter. Name the entries and the kinds of module they matched.
+    modules = dict(model.named_modules())
+    wrong = {}
+    for name, module in modules.items():
+        if name and _targeted(name, target_modules) and not _lora_layer(module):
+            wrong.setdefault(type(module).__name__, []).append(name.rsplit(".", 1)[-1])
+    if wrong:
+        kinds = "; ".join(f"{', '.join(sorted(set(names)))} ({kind})" for kind, names in wrong.items())
+        raise InputError(f"train.target_modules: {target_modules!r} names modules of the model {model_uri} that are "
+                         f"not linear layers, which LoRA cannot wrap: {kinds}; its linear layers are "
+                         f"{', '.join(linear_module_names(model))}. Use some of those, or \"all-linear\"")
+
+
+def _targeted(name: str, target_modules) -> bool:
+    """PEFT's matching rule (see check_target_modules)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith(f".{target}") for target in target_modules)
+
+
+def _lora_layer(module) -> bool:
+    """A module type PEFT's LoRA wraps: linear layers (bitsandbytes' 4-bit ones are torch Linear), embeddings,
+    convolutions and GPT-2's Conv1D."""
+    import torch
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                               torch.nn.Conv3d)) or type(module).__name__ == "Conv1D"
 
 
 def check_packing(settings: dict, lengths: list[int], max_seq_length: int) -> None:
