@@ -491,17 +491,23 @@ def _field_types(cls) -> dict:
 
 
 def load_config(config_file: Optional[str] = None, assignments: tuple = (),
-                environ: Optional[dict] = None, hyperparameters: Optional[str] = None) -> Config:
-    """Build the Config from every layer; raise one ConfigError listing every problem."""
+                environ: Optional[dict] = None, hyperparameters: Optional[str] = None,
+                literal: Optional[dict] = None) -> Config:
+    """Build the Config from every layer; raise one ConfigError listing every problem. `literal` is
+    {key: (text, source)} applied last as given, never read as YAML: a path from an argument such as
+    `job predict --model 0123` is that folder, not the number 83."""
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     layers = []
     if config_file:
         layers.append(_file_layer(config_file, problems))
+    elif config_file is not None:  # `--config ""` (an unset shell variable): not "no file"
+        problems.append("--config: the path is empty; give a YAML file, or leave --config out")
     hp_path = hyperparameters or environ.get("JOB_SAGEMAKER_HYPERPARAMETERS", SAGEMAKER_HYPERPARAMETERS)
     layers.append(_hyperparameters_layer(hp_path, problems))
     layers.append(_env_layer(environ, problems))
     layers.append(_set_layer(assignments, problems))
+    layers.append(literal or {})
 
     cfg = Config()
     for layer in layers:

@@ -36,7 +36,7 @@ from job import layout
 from job.clock import utc_timestamp
 from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, RankProtocol, Ranks
-from job.errors import ConfigError, Preempted, StaleStageError
+from job.errors import ConfigError, InputError, Preempted, StaleStageError
 from job.input_identity import describe
 from job.platform import free_gpu_memory
 from job.run_files import folder_in_place, marker_schema, read_run_json
@@ -165,6 +165,7 @@ class Pipeline:
         self._identities: dict[str, dict] = {}
         """The forced stage and every stage after it: their markers no longer count."""
         self._config_recorded = False
+        self._layout_checked = False
 
     # -- markers -------------------------------------------------------------------------------
 
@@ -181,6 +182,14 @@ class Pipeline:
 
     def status(self) -> list[Status]:
         """Every stage's state without running anything (what `job plan` prints)."""
+        if not self._layout_checked:
+            # A file where the markers' folder belongs hides every marker: each stage would look "not run
+            # yet", and the first marker write would fail only after the stage's work.
+            if self.store.exists(layout.MARKERS):
+                raise InputError(f"{self.store.uri_of(layout.MARKERS)} is a file, where the run keeps its stage "
+                                 "markers (a folder); it was changed outside the job. Restore the folder, or move "
+                                 "the file away and rerun (the stages then run again)")
+            self._layout_checked = True
         result, fps = [], {}
         for name in self.order:
             stage = self.stages[name]

@@ -186,7 +186,8 @@ def predict_config(config_file: Optional[str], assignments: tuple, model_uri: st
     environ = dict(os.environ if environ is None else environ)
     environ.setdefault("JOB_RUN_URI", PLACEHOLDER)
     environ.setdefault("JOB_DATA__URI", PLACEHOLDER)
-    return load_config(config_file, tuple(assignments) + (f"model.uri={model_uri}",), environ=environ)
+    return load_config(config_file, tuple(assignments), environ=environ,
+                       literal={"model.uri": (model_uri, "--model")})  # a path, never read as YAML
 
 
 def read_inputs(sentences: tuple, input_file: Optional[str], column: str, storage: StorageConfig) -> list[str]:

@@ -296,6 +296,18 @@ def read_jsonl(store: Store, rel: str, made_by: str, keys: tuple[str, ...] = (),
     return records
 
 
+def _peft_problem(folder: Path) -> Optional[str]:
+    """What peft itself says about the config (its dozens of keys beyond the ones AdapterConfig names): the
+    stages hand the folder to peft next, and a value it rejects would be a traceback there."""
+    from peft import PeftConfig
+
+    try:
+        PeftConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - any refusal of peft's (TypeError, ValueError, ...) is the damage
+        return f"peft cannot read it: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return None
+
+
 def check_adapter(folder: Path, uri: str) -> None:
     """A downloaded adapter/ folder is what train saved: a damaged one exits 2 naming the file and the
     way out, instead of failing deep inside peft (a TypeError for `"r": "x"`)."""
@@ -304,7 +316,7 @@ def check_adapter(folder: Path, uri: str) -> None:
     problems = []
     try:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        problem = check_schema(config, AdapterConfig)
+        problem = check_schema(config, AdapterConfig) or _peft_problem(folder)
         if problem:
             problems.append(f"adapter_config.json is not a PEFT adapter config ({problem})")
     except (OSError, ValueError) as exc:
