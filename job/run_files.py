@@ -194,6 +194,7 @@ def schema_problems(exc: ValidationError) -> str:
             parts.append(f"no {where}")
         else:
             what = _KINDS.get(error["type"]) or error["msg"].replace("Input should", "should")
+            what = what[0].lower() + what[1:]
             parts.append(f"{where}: {what} (got {_short(error['input'])})")
     more = len(exc.errors()) - len(parts)
     return "; ".join(parts) + (f"; {more} more" if more > 0 else "")
@@ -231,6 +232,9 @@ def _damaged(store: Store, rel: str, made_by: str, what: str, remedy: str = "") 
 def folder_in_place(store: Store, rel: str) -> bool:
     """A folder (or S3 keys under `rel/`) where the job writes a file: the file reads as absent, and the
     job would fail much later, writing it."""
+    root = getattr(store, "root", None)  # a local run (wrapped stores pass `root` on): an empty folder too
+    if isinstance(root, Path) and (root / rel).is_dir():
+        return True
     return bool(store.list(rel))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -50,7 +51,10 @@ def base(tmp_path_factory):
     """The required keys: a run folder that does not exist yet, the SNLI sample, a model that is never read."""
     folder = tmp_path_factory.mktemp("config-fuzz")
     tree = {"run_uri": str(folder / "run"), "data": {"uri": str(SNLI_SAMPLE)}, "model": {"uri": str(folder / "m")}}
-    return tree, folder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # `job plan` makes its work folder under model.cache_dir: relative ones land here
+        patch.setenv("JOB_CACHE_DIR", str(folder / "cache"))
+        yield tree, folder
 
 
 def tree_with(base_tree: dict, key: str, value) -> dict:
@@ -64,9 +68,13 @@ def tree_with(base_tree: dict, key: str, value) -> dict:
 
 
 def outside_reach(cfg: Config) -> bool:
-    """Settings under which `job plan` would reach a network (S3, the Hub): CI has none."""
-    return any(isinstance(u, str) and (u.startswith(("s3://", "hf://")) or "://" in u)
-               for u in (cfg.run_uri, cfg.data.uri, cfg.model.uri))
+    """Settings under which `job plan` would reach a network (S3, the Hub), which CI has not, or make its
+    work folder outside the test's folder (an absolute model.cache_dir)."""
+    cache = cfg.model.cache_dir
+    return (any(isinstance(u, str) and (u.startswith(("s3://", "hf://")) or "://" in u)
+                for u in (cfg.run_uri, cfg.data.uri, cfg.model.uri))
+            or bool(cache) and not str(cache).startswith(str(Path.cwd())) and
+            (str(cache).startswith(("/", "~")) or ".." in str(cache)))
 
 
 def check(path, key):

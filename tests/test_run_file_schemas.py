@@ -74,7 +74,6 @@ def test_adapter_config_with_a_wrong_type_exits_2_at_merge(run):
 @pytest.mark.parametrize("force, sets_, key", [
     ("export", [], "export.enabled"),                          # export is off by default
     ("merge", ["merge.enabled=false"], "merge.enabled"),
-    ("export", ["export.enabled=true", "merge.enabled=false"], "merge.enabled"),
 ])
 def test_force_on_a_disabled_stage_is_refused_and_deletes_nothing(run, force, sets_, key):
     """Was: export/ (and merged/) deleted, nothing rebuilt, exit 0."""
@@ -104,7 +103,7 @@ def test_missing_merged_folder_of_a_done_merge_names_force_merge(run, tmp_path):
         {"stage": "merge", "fingerprint": statuses["merge"].fingerprint, "upstream": {}, "config": {}}))
     before = listing(str(folder), None)
     result = run_job("export", *sets, env=env)
-    assert_clean_failure(result, 2, f"{folder}/merged/", "--force merge")
+    assert_clean_failure(result, 2, f"{folder}/merged is damaged (the folder is missing", "--force merge")
     assert "check the path" not in result.stderr
     assert listing(str(folder), None) == before
 
@@ -156,6 +155,9 @@ def test_folder_where_a_marker_belongs_exits_2_and_force_repairs(run):
     result = run_job("plan", *sets, env=env)
     assert_clean_failure(result, 2, str(marker), "a folder where the file belongs", "--force format")
     assert listing(str(folder), None) == before
+    repaired = run_job("run", "--stages", "format", "--force", "format", *sets, env=env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert marker.is_file() and json.loads(marker.read_text())["stage"] == "format"
 
 
 def test_file_where_the_markers_folder_belongs_exits_2(run):
