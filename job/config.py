@@ -737,6 +737,19 @@ def _check_export(cfg: Config) -> list[str]:
     return problems
 
 
+def home_problem(path: str) -> str:
+    """What is wrong with a local path `~user/...` whose user has no home folder ("" when nothing is):
+    Path.expanduser raises a RuntimeError on it, deep in whatever reads the path first."""
+    if not path.startswith("~"):
+        return ""
+    try:
+        Path(path).expanduser()
+    except RuntimeError:
+        return (f"{path!r} starts with ~{path[1:].split('/', 1)[0]}, but there is no such user whose home folder "
+                "it could mean; give the full path (or ./ before a folder really named so)")
+    return ""
+
+
 def _check_uris(cfg: Config) -> list[str]:
     """URIs the storage layer understands: a path, file://, s3:// (and http(s):// for the endpoint).
     Anything else would be taken for a local path and fail later with a confusing "no such file"."""
@@ -749,6 +762,10 @@ def _check_uris(cfg: Config) -> list[str]:
         elif scheme and scheme.group(1) not in ("s3", "file"):
             problems.append(f"{key}: {scheme.group(1)}:// URLs are not supported ({_mask_userinfo(value)}); use a "
                             f"local path, file://PATH or s3://bucket/{'key' if key == 'data.uri' else 'prefix'}")
+    for key in ("run_uri", "data.uri", "model.uri", "model.cache_dir"):
+        problem = home_problem(get_key(cfg, key).removeprefix("file://"))
+        if problem:
+            problems.append(f"{key}: {problem}")
     endpoint = cfg.storage.endpoint_url
     if endpoint and not re.match(r"https?://[^/\s]", endpoint):
         # botocore would raise a ValueError quoting the whole value (exit 1, a traceback, any password in it).

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from job import hub
-from job.config import Config, StorageConfig, load_config
+from job.config import Config, StorageConfig, home_problem, load_config
 from job.dtypes import pick_dtype
 from job.errors import InputError
 from job.hub_uri import is_hf_uri
@@ -76,6 +76,8 @@ def fetch_adapter(uri: str, cfg: Config) -> Path:
             raise InputError(f"--adapter {uri}: not a PEFT adapter repo (no {ADAPTER_CONFIG})")
         return path
     if not is_s3(uri):
+        if problem := home_problem(uri.removeprefix("file://")):
+            raise InputError(f"--adapter {problem}")
         path = Path(uri.removeprefix("file://")).expanduser()
         if not (path / ADAPTER_CONFIG).is_file():
             raise InputError(f"--adapter {uri}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
@@ -218,6 +220,8 @@ def _read_input_file(input_file: str, storage: StorageConfig) -> str:
     elif is_s3(input_file):
         parent, name = split_uri(input_file)
         data = open_store(parent, storage).read_bytes(name)
+    elif problem := home_problem(input_file):
+        raise InputError(f"--input {problem}")
     else:
         try:
             data = Path(input_file).expanduser().read_bytes()

@@ -116,3 +116,14 @@ def test_empty_config_path_is_refused(tmp_path):
     result = run_job("config", "--config", "", "--set", f"run_uri={tmp_path}", "--set", "data.uri=x.csv",
                      "--set", "model.uri=m", env=job_env(JOB_CACHE_DIR=tmp_path / "c"))
     assert result.returncode == 2 and "--config: the path is empty" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("argv", [("predict", "--model", "~0", "A sentence."),
+                                  ("predict", "--model", ".", "--input", "~0/sentences.txt"),
+                                  ("config", "--set", "run_uri=~0/run", "--set", "data.uri=x.csv",
+                                   "--set", "model.uri=m")])
+def test_home_of_a_user_that_does_not_exist_is_refused(argv):
+    """Found by the thorough run of test_model_path_of_any_text and test_input_path_of_any_text: `~0` (no user
+    named 0) was a RuntimeError from Path.expanduser, exit 1 with a traceback."""
+    code, err = job(*argv)
+    assert_refused(code, err, "starts with ~0, but there is no such user")
