@@ -738,8 +738,13 @@ def _check_export(cfg: Config) -> list[str]:
 
 
 def home_problem(path: str) -> str:
-    """What is wrong with a local path `~user/...` whose user has no home folder ("" when nothing is):
-    Path.expanduser raises a RuntimeError on it, deep in whatever reads the path first."""
+    """What is wrong with a local path that no file system call can take ("" when nothing is): a NUL
+    character (ValueError), a name longer than 255 bytes (ENAMETOOLONG), `~user/...` whose user has no
+    home folder (RuntimeError from Path.expanduser): each failed deep in whatever read the path first."""
+    if "\x00" in path:
+        return "contains a NUL character, which no file name can hold"
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in path.split("/")):
+        return "has a name longer than 255 bytes, more than a file system allows"
     if not path.startswith("~"):
         return ""
     try:
@@ -763,7 +768,10 @@ def _check_uris(cfg: Config) -> list[str]:
             problems.append(f"{key}: {scheme.group(1)}:// URLs are not supported ({_mask_userinfo(value)}); use a "
                             f"local path, file://PATH or s3://bucket/{'key' if key == 'data.uri' else 'prefix'}")
     for key in ("run_uri", "data.uri", "model.uri", "model.cache_dir"):
-        problem = home_problem(get_key(cfg, key).removeprefix("file://"))
+        value = get_key(cfg, key)
+        if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", value) and not value.startswith("file://"):
+            value = value.split("://", 1)[1] if "\x00" in value else ""  # a key or prefix, not a local path
+        problem = home_problem(value.removeprefix("file://"))
         if problem:
             problems.append(f"{key}: {problem}")
     endpoint = cfg.storage.endpoint_url

@@ -141,3 +141,29 @@ def test_real_process_exits_2_naming_the_key(tmp_path, key, value):
         result = run_job(command, "--config", path, env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
         assert result.returncode == 2, result.stderr
         assert key in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("model.cache_dir", "a" * 300, "has a name longer than 255 bytes"),
+    ("model.cache_dir", "cache\x00dir", "contains a NUL character"),
+    ("run_uri", "/tmp/run\x00x", "contains a NUL character"),
+    ("data.uri", "~0/data.csv", "starts with ~0, but there is no such user"),
+])
+def test_path_no_file_system_can_take_is_refused_naming_the_key(base, key, value, expected):
+    """Found by the thorough run of test_any_value_for_any_key...: `job plan` failed with a ValueError (NUL) or
+    an OSError (name too long) making its work folder, exit 1."""
+    base_tree, folder = base
+    path = folder / "paths.yaml"
+    path.write_text(yaml.safe_dump(tree_with(base_tree, key, value)), encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path), (), environ={})
+    assert f"{key}: " in str(refused.value) and expected in str(refused.value)
+
+
+def test_work_folder_that_cannot_be_made_exits_2(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    result = run_job("plan", "--set", f"run_uri={tmp_path / 'run'}", "--set", f"data.uri={SNLI_SAMPLE}",
+                     "--set", "model.uri=m", "--set", f"model.cache_dir={tmp_path / 'file'}",
+                     env=job_env(JOB_CACHE_DIR=tmp_path / "cache"))
+    assert result.returncode == 2 and "cannot create the work folder" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
