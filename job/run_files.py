@@ -256,12 +256,15 @@ def read_run_json(store: Store, rel: str, made_by: str, schema: type[RunFile], r
     return value
 
 
-def read_json_object(store: Store, rel: str, made_by: str, schema: type[RunFile] = RunFile,
-                     remedy: str = "") -> dict:
-    """The JSON object in `rel` (which must exist), checked against `schema`."""
+def read_json_object(store: Store, rel: str, made_by: str, text_keys: tuple[str, ...] = (),
+                     remedy: str = "", schema: type[RunFile] = RunFile) -> dict:
+    """The JSON object in `rel` (which must exist), checked against `schema`, whose `text_keys` hold strings."""
     value = read_run_json(store, rel, made_by, schema, remedy)
     if value is None:
         raise _damaged(store, rel, made_by, "the file is missing", remedy)
+    missing = [k for k in text_keys if not isinstance(value.get(k), str)]
+    if missing:
+        raise _damaged(store, rel, made_by, f"no {', '.join(missing)}", remedy)
     return value
 
 
