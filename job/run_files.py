@@ -250,6 +250,8 @@ def read_run_json(store: Store, rel: str, made_by: str, schema: type[RunFile], r
         value = json.loads(store.read_text(rel))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _damaged(store, rel, made_by, str(exc), remedy) from None
+    except RecursionError:  # [[[[... nested deeper than the parser goes
+        raise _damaged(store, rel, made_by, "nested too deeply", remedy) from None
     problem = check_schema(value, schema)
     if problem:
         raise _damaged(store, rel, made_by, problem, remedy)

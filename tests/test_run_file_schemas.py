@@ -170,3 +170,14 @@ def test_file_where_the_markers_folder_belongs_exits_2(run):
     for command in (["plan"], ["run", "--stages", "format,train"]):
         assert_clean_failure(run_job(*command, *sets, env=env), 2, f"{folder}/_stages is a file")
     assert listing(str(folder), None) == before
+
+
+def test_marker_nested_deeper_than_the_parser_goes_is_damage(tmp_path):
+    """json.loads raises RecursionError (not a ValueError) on '[[[[...': it was exit 1."""
+    from job.run_files import StageMarker, read_run_json
+    from job.storage import LocalStore
+
+    (tmp_path / "_stages").mkdir()
+    (tmp_path / "_stages" / "format.json").write_text("[" * 100_000)
+    with pytest.raises(InputError, match="nested too deeply.*--force format"):
+        read_run_json(LocalStore(tmp_path), "_stages/format.json", "format", StageMarker)
