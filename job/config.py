@@ -502,17 +502,23 @@ def _field_types(cls) -> dict:
 
 
 def load_config(config_file: Optional[str] = None, assignments: tuple = (),
-                environ: Optional[dict] = None, hyperparameters: Optional[str] = None) -> Config:
-    """Build the Config from every layer; raise one ConfigError listing every problem."""
+                environ: Optional[dict] = None, hyperparameters: Optional[str] = None,
+                literal: Optional[dict] = None) -> Config:
+    """Build the Config from every layer; raise one ConfigError listing every problem. `literal` is
+    {key: (text, source)} applied last as given, never read as YAML: a path from an argument such as
+    `job predict --model 0123` is that folder, not the number 83."""
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     layers = []
     if config_file:
         layers.append(_file_layer(config_file, problems))
+    elif config_file is not None:  # `--config ""` (an unset shell variable): not "no file"
+        problems.append("--config: the path is empty; give a YAML file, or leave --config out")
     hp_path = hyperparameters or environ.get("JOB_SAGEMAKER_HYPERPARAMETERS", SAGEMAKER_HYPERPARAMETERS)
     layers.append(_hyperparameters_layer(hp_path, problems))
     layers.append(_env_layer(environ, problems))
     layers.append(_set_layer(assignments, problems))
+    layers.append(literal or {})
 
     cfg = Config()
     for layer in layers:
@@ -766,6 +772,24 @@ def _check_export(cfg: Config) -> list[str]:
     return problems
 
 
+def home_problem(path: str) -> str:
+    """What is wrong with a local path that no file system call can take ("" when nothing is): a NUL
+    character (ValueError), a name longer than 255 bytes (ENAMETOOLONG), `~user/...` whose user has no
+    home folder (RuntimeError from Path.expanduser): each failed deep in whatever read the path first."""
+    if "\x00" in path:
+        return "contains a NUL character, which no file name can hold"
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in path.split("/")):
+        return "has a name longer than 255 bytes, more than a file system allows"
+    if not path.startswith("~"):
+        return ""
+    try:
+        Path(path).expanduser()
+    except RuntimeError:
+        return (f"{path!r} starts with ~{path[1:].split('/', 1)[0]}, but there is no such user whose home folder "
+                "it could mean; give the full path (or ./ before a folder really named so)")
+    return ""
+
+
 def _check_uris(cfg: Config) -> list[str]:
     """URIs the storage layer understands: a path, file://, s3:// (and http(s):// for the endpoint).
     Anything else would be taken for a local path and fail later with a confusing "no such file"."""
@@ -778,6 +802,13 @@ def _check_uris(cfg: Config) -> list[str]:
         elif scheme and scheme.group(1) not in ("s3", "file"):
             problems.append(f"{key}: {scheme.group(1)}:// URLs are not supported ({_mask_userinfo(value)}); use a "
                             f"local path, file://PATH or s3://bucket/{'key' if key == 'data.uri' else 'prefix'}")
+    for key in ("run_uri", "data.uri", "model.uri", "model.cache_dir"):
+        value = get_key(cfg, key)
+        if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", value) and not value.startswith("file://"):
+            value = value.split("://", 1)[1] if "\x00" in value else ""  # a key or prefix, not a local path
+        problem = home_problem(value.removeprefix("file://"))
+        if problem:
+            problems.append(f"{key}: {problem}")
     endpoint = cfg.storage.endpoint_url
     if endpoint and not re.match(r"https?://[^/\s]", endpoint):
         # botocore would raise a ValueError quoting the whole value (exit 1, a traceback, any password in it).

@@ -66,6 +66,7 @@ import job
 from job.clock import utc_timestamp
 from job.errors import ConfigError, JobError, Preempted, RunLocked, StorageError
 from job.layout import LEASE, LEASE_PROBE
+from job.run_files import LeaseBody, lenient
 from job.storage import TEMP_SUFFIX, LocalStore, S3Store, Store, local_errors, redact_uri
 
 log = logging.getLogger("job.lease")
@@ -93,11 +94,13 @@ class Seen:
 
     @cached_property
     def body(self) -> dict:
+        """The lease's fields; one of the wrong type or out of bounds (job/run_files.py LeaseBody) counts as
+        absent, so a damaged lease is an unknown holder whose lease expires, never one that lasts for ever."""
         try:
             body = json.loads(self.raw)
         except ValueError:  # being written (a local O_EXCL create is not atomic with its content), or damaged
             return {}
-        return body if isinstance(body, dict) else {}
+        return lenient(body, LeaseBody)
 
     @property
     def token(self) -> Optional[str]:

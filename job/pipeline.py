@@ -36,11 +36,11 @@ from job import layout, memory_plan, peaks
 from job.clock import utc_timestamp
 from job.config import Config, get_key, redact_text, to_dict, to_yaml
 from job.distributed import SINGLE, RankProtocol, Ranks
-from job.errors import ConfigError, Preempted, StaleStageError
+from job.errors import ConfigError, InputError, Preempted, StaleStageError
 from job.input_identity import describe
 from job.memory import out_of_memory
 from job.platform import free_gpu_memory
-from job.run_files import read_json_object
+from job.run_files import folder_in_place, marker_schema, read_run_json
 from job.stage_store import StageStore
 from job.storage import Store
 
@@ -59,12 +59,17 @@ class Stage:
     outputs: tuple[str, ...] = ()
     """Paths under run_uri this stage writes (cleared when it is rerun with other settings)."""
     enabled: Callable[[Config], bool] = lambda cfg: True
-    disabled_reason: str = ""
+    disabled_reason: str | Callable[[Config], str] = ""
+    """The key that disables the stage, as `key: false` (a function of the config when several can)."""
     all_ranks: bool = False
     """Runs on every process of a multi-GPU run (data-parallel training), not on rank 0 alone."""
     inputs: Optional[Callable[[Config], dict]] = None
     """{"data.uri": identity or None} of the files outside the run it reads (job/input_identity.py):
     part of the fingerprint, so the same URI with other content makes the stage stale."""
+
+    def reason(self, cfg: Config) -> str:
+        """Why the stage is disabled: `key: false`."""
+        return self.disabled_reason(cfg) if callable(self.disabled_reason) else self.disabled_reason
 
 
 @dataclass
@@ -170,15 +175,15 @@ class Pipeline:
         self._identities: dict[str, dict] = {}
         """The forced stage and every stage after it: their markers no longer count."""
         self._config_recorded = False
+        self._layout_checked = False
 
     # -- markers -------------------------------------------------------------------------------
 
     def marker(self, name: str, started: bool = False) -> Optional[dict]:
-        path = layout.marker(name, started)
-        if not self.store.exists(path):
-            return None
-        return read_json_object(self.store, path, name, text_keys=("fingerprint",),
-                                remedy="to redo the stage (and the stages after it)")
+        """The stage's marker, checked against its schema (job/run_files.py): a damaged one is exit 2
+        naming the file and `--force <stage>`; None when there is none."""
+        return read_run_json(self.store, layout.marker(name, started), name, marker_schema(name),
+                             remedy="to redo the stage (and the stages after it)")
 
     def _write_marker(self, name: str, record: dict, started: bool = False) -> None:
         self.store.write_text(layout.marker(name, started), json.dumps(record, indent=2, default=str) + "\n")
@@ -187,11 +192,19 @@ class Pipeline:
 
     def status(self) -> list[Status]:
         """Every stage's state without running anything (what `job plan` prints)."""
+        if not self._layout_checked:
+            # A file where the markers' folder belongs hides every marker: each stage would look "not run
+            # yet", and the first marker write would fail only after the stage's work.
+            if self.store.exists(layout.MARKERS):
+                raise InputError(f"{self.store.uri_of(layout.MARKERS)} is a file, where the run keeps its stage "
+                                 "markers (a folder); it was changed outside the job. Restore the folder, or move "
+                                 "the file away and rerun (the stages then run again)")
+            self._layout_checked = True
         result, fps = [], {}
         for name in self.order:
             stage = self.stages[name]
             if not stage.enabled(self.cfg):
-                result.append(Status(name, "disabled", stage.disabled_reason))
+                result.append(Status(name, "disabled", stage.reason(self.cfg)))
                 continue
             upstream = {n: fps.get(n, "") for n in stage.needs if self.stages[n].enabled(self.cfg)}
             fp = fingerprint(stage, self.cfg, upstream, self._inputs(stage))
@@ -266,6 +279,13 @@ class Pipeline:
         if force and force not in selected:
             raise ConfigError(f"--force {force}: stage {force} is not among the stages to run ({', '.join(selected)});"
                               f" add it to --stages")
+        if force and not self.stages[force].enabled(self.cfg):
+            # Forcing clears the stage's results and every later stage's: a disabled stage would rebuild
+            # none of them (its old export/ or merged/ deleted, exit 0). Refused before anything is touched.
+            reason = self.stages[force].reason(self.cfg)
+            raise ConfigError(f"--force {force}: stage {force} is disabled ({reason}): its results and the later "
+                              f"stages' would be deleted and nothing would redo them. Nothing was changed; set "
+                              f"{reason.split(':')[0]}=true (--set {reason.split(':')[0]}=true) to redo it")
         if force:
             # Forcing a stage invalidates it and every stage after it, selected or not: their
             # results were built on what is about to be replaced. They are deleted only when the
@@ -357,8 +377,9 @@ class Pipeline:
     def _clear_forced(self) -> None:
         """Delete the results of the forced stage and every stage after it: all markers first (a crash
         mid-way leaves no marker claiming a result that is half gone), then the outputs."""
-        names = [n for n in self.forced  # exists(), not marker(): a damaged marker is what --force repairs
-                 if self.store.exists(layout.marker(n)) or self.store.exists(layout.marker(n, started=True))]
+        # exists(), not marker(): a damaged marker (or a folder in its place) is what --force repairs
+        names = [n for n in self.forced if any(self.store.exists(m) or folder_in_place(self.store, m)
+                                               for m in (layout.marker(n), layout.marker(n, started=True)))]
         if not names:
             return
         log.info("forced: clearing the earlier results of %s (%s)", ", ".join(names),

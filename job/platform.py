@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from job.config import Config
+from job.errors import ConfigError
 
 log = logging.getLogger("job.platform")
 
@@ -49,7 +50,11 @@ def work_dir(cfg: Config) -> Path:
     """Local scratch for this run: stable across restarts of the same run_uri, so work can be reused."""
     digest = hashlib.sha256(cfg.run_uri.encode()).hexdigest()[:12]
     path = cache_dir(cfg) / "work" / digest
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only, a file in the way, a name too long: the setting, not a bug
+        raise ConfigError(f"cannot create the work folder {path} under model.cache_dir (or JOB_CACHE_DIR): "
+                          f"{exc.strerror or exc}; point model.cache_dir at a writable folder") from None
     return path
 
 

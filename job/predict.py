@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from job import hub
-from job.config import Config, StorageConfig, load_config
+from job.config import Config, StorageConfig, home_problem, load_config
 from job.dtypes import pick_dtype
 from job.errors import InputError
 from job.hub_uri import is_hf_uri
@@ -151,6 +151,8 @@ def fetch_adapter(uri: str, cfg: Config) -> Path:
             raise InputError(f"--adapter {uri}: not a PEFT adapter repo (no {ADAPTER_CONFIG})")
         return path
     if not is_s3(uri):
+        if problem := home_problem(uri.removeprefix("file://")):
+            raise InputError(f"--adapter {problem}")
         path = Path(uri.removeprefix("file://")).expanduser()
         if not (path / ADAPTER_CONFIG).is_file():
             raise InputError(f"--adapter {uri}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
@@ -318,7 +320,8 @@ def predict_config(config_file: Optional[str], assignments: tuple, model_uri: st
     environ = dict(os.environ if environ is None else environ)
     environ.setdefault("JOB_RUN_URI", PLACEHOLDER)
     environ.setdefault("JOB_DATA__URI", PLACEHOLDER)
-    return load_config(config_file, tuple(assignments) + (f"model.uri={model_uri}",), environ=environ)
+    return load_config(config_file, tuple(assignments), environ=environ,
+                       literal={"model.uri": (model_uri, "--model")})  # a path, never read as YAML
 
 
 def read_inputs(sentences: tuple, input_file: Optional[str], column: str, storage: StorageConfig) -> list[str]:
@@ -349,6 +352,8 @@ def _read_input_file(input_file: str, storage: StorageConfig) -> str:
     elif is_s3(input_file):
         parent, name = split_uri(input_file)
         data = open_store(parent, storage).read_bytes(name)
+    elif problem := home_problem(input_file):
+        raise InputError(f"--input {problem}")
     else:
         try:
             data = Path(input_file).expanduser().read_bytes()

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 
+from job.errors import InputError
 from job.layout import TRACKER_STATE
+from job.run_files import TrackerState, read_run_json
 
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
@@ -64,7 +66,7 @@ def _make(name: str, ctx, tensorboard_dir, environ):
         import mlflow  # noqa: F401 - fail here, with a warning, when it is not installed
         from transformers.integrations import MLflowCallback
 
-        run_id = _stored(ctx.store).get("mlflow_run_id")
+        run_id = _stored(ctx.store, ctx.log).get("mlflow_run_id")
         if run_id and "MLFLOW_RUN_ID" not in environ:
             environ["MLFLOW_RUN_ID"] = run_id
             ctx.log.info("train: continuing MLflow run %s", run_id)
@@ -90,10 +92,14 @@ def run_id_for(ctx) -> str:
     return "qlora-" + hashlib.sha256(f"{uri}|{ctx.fingerprint}".encode()).hexdigest()[:16]
 
 
-def _stored(store) -> dict:
+def _stored(store, log=None) -> dict:
+    """checkpoints/trackers.json, checked against its schema (job/run_files.py). A damaged one costs only
+    the MLflow run's continuity, never the training: a warning naming it, and a new MLflow run."""
     try:
-        return json.loads(store.read_text(TRACKER_STATE)) if store.exists(TRACKER_STATE) else {}
-    except (ValueError, OSError):
+        return read_run_json(store, TRACKER_STATE, "train", TrackerState) or {}
+    except InputError as exc:
+        if log is not None:
+            log.warning("train: %s. Training goes on; MLflow starts a new run", exc)
         return {}
 
 

@@ -61,7 +61,7 @@ def all_stages() -> list[Stage]:
         # GGUF files from merged/ (off by default). How strictly they are checked leaves the files as they are.
         Stage("export", _lazy("export"), config_keys=("export",), ignore=OPERATIONAL_EXPORT_KEYS, needs=("merge",),
               outputs=(layout.EXPORT,), enabled=lambda c: c.export.enabled and c.merge.enabled,
-              disabled_reason="export.enabled: false"),
+              disabled_reason=lambda c: "merge.enabled: false" if c.export.enabled else "export.enabled: false"),
         # Reads merged/ (or adapter/ when merge is disabled) and data/eval.jsonl (format, via train); the
         # report shows the export check when the export is enabled.
         Stage("evaluate", _lazy("evaluate"), config_keys=("evaluate",), ignore=OPERATIONAL_EVALUATE_KEYS,

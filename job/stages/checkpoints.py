@@ -26,7 +26,7 @@ from job.distributed import SINGLE, Ranks
 from job.errors import InputError
 from job.layout import CHECKPOINTS, LATEST, TENSORBOARD
 from job.model_files import safetensors_problem
-from job.run_files import read_json_object
+from job.run_files import Latest, read_run_json
 from job.storage import Store
 
 
@@ -64,9 +64,9 @@ def find_resume_checkpoint(store: Store, fingerprint: str, local_root: Path, log
 
 def _download_resume_point(store: Store, fingerprint: str, local_root: Path,
                            log: logging.Logger) -> Optional[ResumePoint]:
-    if not store.exists(LATEST):
-        return None
     latest = _read_latest(store)
+    if latest is None:
+        return None
     if latest.get("fingerprint") != fingerprint:
         log.warning("%s was made with other settings (fingerprint %s, now %s): starting over",
                     LATEST, latest.get("fingerprint"), fingerprint)
@@ -94,9 +94,9 @@ def _download_resume_point(store: Store, fingerprint: str, local_root: Path,
 # go on (--force train).
 
 
-def _read_latest(store: Store) -> dict:
-    return read_json_object(store, LATEST, "train", text_keys=("checkpoint",),
-                            remedy="to start training over (this deletes checkpoints/)")
+def _read_latest(store: Store) -> Optional[dict]:
+    """LATEST checked against its schema (job/run_files.py Latest), None when there is none."""
+    return read_run_json(store, LATEST, "train", Latest, remedy="to start training over (this deletes checkpoints/)")
 
 
 def _download_usable_checkpoint(store: Store, latest: dict, local_root: Path,

@@ -36,7 +36,7 @@ from job.report import (
     score,
     train_summary,
 )
-from job.run_files import check_adapter, read_json_object, read_jsonl
+from job.run_files import DataStats, check_adapter, download_run_folder, read_jsonl, read_run_json
 from job.stages.merged import merged_folder
 from job.storage import redact_uri
 
@@ -118,7 +118,7 @@ def finetuned_model(cfg: Config, ctx, model_dir: Path, dtype, four_bit: bool = F
                 f"{MERGED}/ (the merged model, {dtype_name(dtype)}; {why})")
     adapter = ctx.work_dir / ADAPTER
     shutil.rmtree(adapter, ignore_errors=True)
-    ctx.store.download_dir(ADAPTER, adapter)
+    download_run_folder(ctx.store, ADAPTER, adapter, "train")
     check_adapter(adapter, ctx.store.uri_of(ADAPTER))
     if four_bit:
         described = (f"the base model in 4 bits ({cfg.train.quant_type}) with {ADAPTER}/ applied, as trained "
@@ -131,7 +131,7 @@ def finetuned_model(cfg: Config, ctx, model_dir: Path, dtype, four_bit: bool = F
 
 def build_report(cfg: Config, ctx, records, scores, described, dtype, device, available) -> dict:
     train = ctx.upstream.get("train", {})
-    stats = read_json_object(ctx.store, STATS, "format") if ctx.store.exists(STATS) else None
+    stats = read_run_json(ctx.store, STATS, "format", DataStats)
     e, t = cfg.evaluate, cfg.train
     return {
         "n_examples": len(records),

@@ -35,7 +35,7 @@ from job.memory_plan import CPU_CHECK_MAX_BYTES  # the logits check on the CPU: 
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.model_files import weights_bytes
 from job.platform import free_gpu_memory
-from job.run_files import check_adapter, read_jsonl
+from job.run_files import check_adapter, download_run_folder, read_jsonl
 from job.stages.merged import forget_local_merged, stamp_local_merged
 from job.stream_merge import merge_weights, verify_merged
 
@@ -229,7 +229,7 @@ def fetch_inputs(cfg: Config, ctx) -> tuple[Path, Path, object]:
     model_dir = fetch_model(cfg.model.uri, cfg)
     adapter_dir = ctx.work_dir / ADAPTER
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    ctx.store.download_dir(ADAPTER, adapter_dir)
+    download_run_folder(ctx.store, ADAPTER, adapter_dir, "train")
     check_adapter(adapter_dir, ctx.store.uri_of(ADAPTER))
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir,
                                cfg.model.uri)

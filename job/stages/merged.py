@@ -12,6 +12,7 @@ from pathlib import Path
 
 from job.layout import MERGED, local_merged, local_merged_stamp
 from job.model_files import check_model_folder
+from job.run_files import download_run_folder
 from job.storage import redact_uri
 
 
@@ -36,7 +37,7 @@ def merged_folder(ctx, merge_marker: dict) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     ctx.log.info("%s: downloading %s/ from the run (the merge ran elsewhere or earlier)",
                  ctx.log.name.rpartition(".")[2], MERGED)
-    ctx.store.download_dir(MERGED, target)
+    download_run_folder(ctx.store, MERGED, target, "merge")
     check_model_folder(target, redact_uri(ctx.store.uri_of(MERGED)), what=f"{MERGED}/",
                        remedy="rerun with --force merge to write it again (and redo the stages after it)")
     return target
