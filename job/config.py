@@ -628,10 +628,23 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append("prompt.original_key and prompt.output_key: must differ")
     problems.extend(_check_run_values(cfg))
     problems.extend(_check_uris(cfg))
-    from job.trackers import problems as tracker_problems
-
     problems.extend(tracker_problems(cfg.train.report_to))
     return problems
+
+
+# train.report_to's names (job/trackers.py makes the callbacks); checked here so config needs no tracker code.
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
+
+
+def tracker_problems(report_to) -> list[str]:
+    """Config validation: known names, and "none" alone."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown or not names:
+        return [f"train.report_to: must be one of {', '.join(TRACKERS)} or a list of them, got {report_to!r}"]
+    if "none" in names and len(names) > 1:
+        return [f"train.report_to: \"none\" cannot be combined with other trackers, got {report_to!r}"]
+    return []
 
 
 # transformers' SchedulerType and OptimizerNames values (transformers 5.x), kept as literals because

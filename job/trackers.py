@@ -21,24 +21,11 @@ from job.errors import InputError
 from job.layout import TRACKER_STATE
 from job.run_files import TrackerState, read_run_json
 
-TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
-
 
 def requested(report_to) -> list[str]:
     """train.report_to as a list of tracker names ("none" or [] for no tracker)."""
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     return [n for n in names if n != "none"]
-
-
-def problems(report_to) -> list[str]:
-    """Config validation: known names, and "none" alone."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown or not names:
-        return [f"train.report_to: must be one of {', '.join(TRACKERS)} or a list of them, got {report_to!r}"]
-    if "none" in names and len(names) > 1:
-        return [f"train.report_to: \"none\" cannot be combined with other trackers, got {report_to!r}"]
-    return []
 
 
 def tracker_callbacks(report_to, ctx, tensorboard_dir, environ=os.environ) -> list:
