@@ -31,6 +31,7 @@ from job.config import Config, shard_size_bytes
 from job.dtypes import dtype_name, pick_dtype
 from job.errors import JobError
 from job.layout import ADAPTER, EVAL_DATA, MERGED, TRAIN_DATA, local_merged
+from job.memory import host_available_bytes
 from job.memory_plan import CPU_CHECK_MAX_BYTES  # the logits check on the CPU: small models only
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.model_files import weights_bytes
@@ -309,7 +310,7 @@ def check_logits_plan(setting, model_bytes: int) -> tuple[str | None, str]:
     fits, gpu = gpu_room(model_bytes)
     if fits:
         return "cuda", gpu
-    available = _meminfo_bytes("MemAvailable")
+    available = host_available_bytes()  # within the container's memory limit, unlike /proc/meminfo alone
     if setting is True:
         return "cpu", f"merge.check_logits: true ({gpu})"
     if model_bytes <= CPU_CHECK_MAX_BYTES and (available is None or model_bytes * 4 <= available):
@@ -496,16 +497,6 @@ class PeakMemory:
         result["peak_gpu_memory_gb"] = (round(torch.cuda.max_memory_allocated() / 2**30, 3)
                                         if self.device == "cuda" else None)
         return result
-
-
-def _meminfo_bytes(field: str):
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _status_kb(field: str):
