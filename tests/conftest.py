@@ -25,3 +25,14 @@ def small_cache(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+# The longest test files first. With `--dist loadfile` each file runs whole on one worker, in collection
+# order, so a long file that starts last sets CI's wall time while the other workers sit idle (the
+# 2026-12-06 run ended on one file for its last ten minutes). Longest first is the classic fix.
+LONGEST_FIRST = ("test_multinode.py", "test_kill_anywhere.py", "test_faults.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
