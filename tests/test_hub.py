@@ -48,6 +48,26 @@ def hub_env(hub: FakeHub, cache: Path, **extra) -> dict:
     return env
 
 
+
+def snli_frame():
+    """The SNLI sample as text columns, for the fake Hub's Parquet shards."""
+    import pandas as pd
+
+    from tests.helpers import SNLI_SAMPLE
+
+    return pd.read_csv(SNLI_SAMPLE, dtype=str, keep_default_na=False)
+
+
+def parquet_of(frame) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    return sink.getvalue()
+
 def test_pinned_download_fetches_loading_files_once_then_works_offline(hub, tmp_path):
     cache = tmp_path / "cache"
     env = hub_env(hub, cache)
@@ -132,20 +152,7 @@ def test_endpoint_down_mid_download_exits_3_and_a_rerun_resumes(tiny_model_dir, 
 def test_a_moved_branch_makes_the_stage_stale_in_plan_and_run(tmp_path):
     """The commit an hf:// branch names is part of the fingerprint: after a push to main, `job plan` says
     what changed and `job run` refuses to mix results; a pinned commit stays done."""
-    import io
-
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from tests.helpers import SNLI_SAMPLE
-
-    def parquet_of(frame):
-        sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-        return sink.getvalue()
-
-    frame = pd.read_csv(SNLI_SAMPLE, dtype=str, keep_default_na=False)
+    frame = snli_frame()
     fake = FakeHub()
     first = fake.add_repo("datasets", "org/snli", {"main": {"data/train-00000-of-00001.parquet": parquet_of(frame)}})
     fake.start()
@@ -178,20 +185,7 @@ def test_hub_identity_is_the_commit_however_it_is_named_and_survives_a_hub_outag
     after a push, pinning the old commit (@<sha>, the README's way out) keeps the run done. With the hub
     answering 503, format runs from the cache, warns, and records the cached commit (not "unknown"), so the
     run is not called stale once the hub is back."""
-    import io
-
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from tests.helpers import SNLI_SAMPLE
-
-    def parquet_of(frame):
-        sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-        return sink.getvalue()
-
-    frame = pd.read_csv(SNLI_SAMPLE, dtype=str, keep_default_na=False)
+    frame = snli_frame()
     fake = FakeHub()
     first = fake.add_repo("datasets", "org/snli", {"main": {"data/train-00000-of-00001.parquet": parquet_of(frame)}})
     fake.start()
