@@ -6,6 +6,9 @@
 #   bash bench/gpu_issue20.sh OUT_DIR both            # 12 GiB free within 8 GB of host memory, then wide
 #   bash bench/gpu_issue20.sh OUT_DIR wide            # a 70B-wide model with 4 layers, the whole card; then
 #                                                     # `job plan` for the real 70B config (80 GB card, 200 GB host)
+#   bash bench/gpu_issue20.sh OUT_DIR evaluate16      # after small-cards: its run's evaluate again, 16 GiB free
+#   bash bench/gpu_issue20.sh OUT_DIR 13b             # the 13B shape, 22 GiB free, 16 GB host: up to evaluate
+#   bash bench/gpu_issue20.sh OUT_DIR 13b-export      # then its export, the base's weights deleted first (disk)
 #
 # A smaller card is made by a ballast process that holds all but N GiB of the GPU (torch.empty, kept alive),
 # so every stage sees the real free memory through CUDA (mem_get_info), as it would on that card. Each run
@@ -59,9 +62,9 @@ in_host_limit() {
 }
 
 pipeline() {  # pipeline NAME MODEL [extra job options]
-  local name=$1 model=$2 run=/tmp/run-$1
+  local name=$1 model=$2 run=${RUN_DIR:-/tmp/run-$1}
   shift 2
-  rm -rf "$run" "$JOB_CACHE_DIR/work"
+  [ -n "${KEEP_RUN:-}" ] || rm -rf "$run" "$JOB_CACHE_DIR/work"
   local start; start=$(date +%s)
   in_host_limit /usr/bin/time -v -o "/tmp/$name.time" python -m job run --set "run_uri=$run" --set "data.uri=$data" \
     --set "model.uri=$model" --set train.max_steps=4 --set train.checkpoint_every_steps=2 \
@@ -92,6 +95,7 @@ PY
   python -c "import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text()) for p in
       sorted(pathlib.Path(sys.argv[1]).glob('_stages/*.json'))}, indent=1))" "$run" > "$out/$name.markers.json"
   du -sh "$run"/* "$JOB_CACHE_DIR" 2>/dev/null | tee -a "$out/summary.txt"
+  df -h /tmp | tail -1 | tee -a "$out/summary.txt"
 }
 
 case $what in
@@ -111,6 +115,26 @@ case $what in
       tail -8 /tmp/predict.log | cut -c1-300 >> "$out/summary.txt"
       release
     done
+    ;;
+  evaluate16)  # the 7B's evaluate again with 16 GiB free (a T4-class card), on small-cards' 12 GiB run
+    ballast 16
+    KEEP_RUN=1 RUN_DIR=/tmp/run-7b-12gib pipeline 7b-16gib-evaluate /tmp/llama7b --stages evaluate --force evaluate
+    release
+    ;;
+  13b)  # the 13B shape with 22 GiB free (A10G/L4) in 16 GB of host memory: format, train, merge, evaluate
+    make_model /tmp/llama13b 5120 40 40 40 13824
+    df -h /tmp | tail -1 | tee -a "$out/summary.txt"
+    python -m job plan --set run_uri=/tmp/run-13b --set "data.uri=$data" --set model.uri=/tmp/llama13b \
+      --set export.enabled=true --gpu-memory 22 --host-memory 16 2>&1 | tail -12 | tee -a "$out/summary.txt"
+    ballast 22
+    HOST_LIMIT_GB=16 RUN_DIR=/tmp/run-13b pipeline 13b-22gib /tmp/llama13b --stages format,train,merge,evaluate
+    release
+    ;;
+  13b-export)  # then export, after deleting the base's weights: 64 GiB of disk holds two 26 GB copies, not three
+    rm -f /tmp/llama13b/*.safetensors /tmp/llama13b/model.safetensors.index.json
+    ballast 22
+    HOST_LIMIT_GB=16 KEEP_RUN=1 RUN_DIR=/tmp/run-13b pipeline 13b-22gib-export /tmp/llama13b --stages export
+    release
     ;;
   wide)
     make_model /tmp/wide70b 8192 4 64 8 28672

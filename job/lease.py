@@ -569,7 +569,8 @@ class Lease:
 class LeasedStore(Store):
     """The run's store, refusing every write once the lease is lost (reads pass).
 
-    `upload_dir` is Store's own, so each file of a folder upload is checked, not only the first."""
+    `upload_dir` and `move_dir` are Store's own, so each file of a folder upload is checked, not only the
+    first."""
 
     def __init__(self, inner: Store, lease: Lease):
         super().__init__(inner.max_concurrency)
@@ -606,6 +607,13 @@ class LeasedStore(Store):
     def upload_file(self, local_path, rel: str) -> None:
         self.lease.check()
         self.inner.upload_file(local_path, rel)
+
+    def move_file(self, local_path, rel: str) -> None:
+        self.lease.check()
+        self.inner.move_file(local_path, rel)
+
+    def local_folder(self, rel: str):
+        return self.inner.local_folder(rel)
 
     def delete(self, rel: str) -> None:
         self.lease.check()

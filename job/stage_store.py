@@ -52,6 +52,10 @@ class StageStore(Store):
         self._commit()
         self.inner.upload_file(local_path, rel)
 
+    def move_file(self, local_path: str | Path, rel: str) -> None:
+        self._commit()
+        self.inner.move_file(local_path, rel)
+
     def delete(self, rel: str) -> None:
         self._commit()
         self.inner.delete(rel)
@@ -66,6 +70,9 @@ class StageStore(Store):
         if self._hidden and not self._committed:
             raise NotImplementedError("child() of a forced stage's store before its first write")
         return self.inner.child(rel)
+
+    def local_folder(self, rel: str) -> Path | None:
+        return None if self._is_hidden(rel) else self.inner.local_folder(rel)
 
     def exists(self, rel: str) -> bool:
         return not self._is_hidden(rel) and self.inner.exists(rel)

@@ -122,6 +122,26 @@ class Store(ABC):
         self._parallel(lambda name: self.upload_file(local_dir / name, _join(rel, name)), names)
         return names
 
+    def move_file(self, local_path: str | Path, rel: str) -> None:
+        """upload_file, then the local file is gone (LocalStore renames it: no second copy on the disk)."""
+        self.upload_file(local_path, rel)
+        Path(local_path).unlink()
+
+    def move_dir(self, local_dir: str | Path, rel: str) -> list[str]:
+        """upload_dir, leaving no local copy: for outputs nothing on this machine reads again (export's GGUF
+        files), and for a run on this machine's disk, where a copy would double the disk a 70B needs."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StorageError(f"folder not found: {local_dir}")
+        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        self._parallel(lambda name: self.move_file(local_dir / name, _join(rel, name)), names)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        return names
+
+    def local_folder(self, rel: str) -> Path | None:
+        """The folder `rel` as a path on this machine when the store is a local folder, else None."""
+        return None
+
     def download_dir(self, rel: str, local_dir: str | Path) -> list[str]:
         names = self.list(rel)
         if not names:
@@ -227,6 +247,21 @@ class LocalStore(Store):
             size = Path(local_path).stat().st_size
         with local_errors(self.uri_of(rel)):
             _replace_atomically(self._path(rel), lambda tmp: self._copy(Path(local_path), tmp, size))
+
+    def move_file(self, local_path: str | Path, rel: str) -> None:
+        dst = self._path(rel)
+        with local_errors(self.uri_of(rel)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(local_path, dst)  # atomic, and the disk holds one copy
+                return
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+        super().move_file(local_path, rel)  # another filesystem: copy, then remove
+
+    def local_folder(self, rel: str) -> Path | None:
+        return self._path(rel)
 
     def download_file(self, rel: str, local_path: str | Path) -> None:
         src = self._path(rel)

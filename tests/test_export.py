@@ -328,6 +328,8 @@ def test_export_stage_end_to_end(trained_run, tmp_path):  # noqa: F811
         assert marker["files"][t]["peak_rss_gb"] > 0
         tensors = marker["files"][t]["tensor_check"]
         assert tensors["passed"] and tensors["tensors_checked"] == tensors["tensors_in_file"] > 0, tensors
+    # The run is on this disk: the GGUF files and merged/ were moved into it, no copy stays in the cache.
+    assert not list((tmp_path / "c").rglob("*.gguf")) and not list((tmp_path / "c").rglob("model*.safetensors"))
     modelfile = (export / "Modelfile").read_text()
     assert "FROM ./model.f16.gguf" in modelfile and "{{ .Prompt }}" in modelfile
     assert 'PARAMETER stop "</s>"' in modelfile
@@ -343,7 +345,7 @@ def test_export_refuses_unsupported_merged_model(trained_run, tmp_path):  # noqa
     trained_run.seed(str(root), None)
     env = job_env(JOB_CACHE_DIR=tmp_path / "c")
     assert run_job(*trained_run.args(str(root), stages="format,train,merge"), env=env).returncode == 0
-    shutil.rmtree(tmp_path / "c" / "work", ignore_errors=True)  # the export downloads merged/ from the run
+    shutil.rmtree(tmp_path / "c" / "work", ignore_errors=True)  # the export reads merged/ in the run folder
     config = root / "merged" / "config.json"
     config.write_text(config.read_text().replace('"model_type": "llama"', '"model_type": "gpt_neox"'))
     result = run_job(*trained_run.args(str(root), *EXPORT_SETS, stages="format,train,merge,export"), env=env)

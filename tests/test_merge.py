@@ -92,6 +92,8 @@ def test_merge_matches_base_plus_adapter(trained_run, tmp_path):
     assert len(shards) >= 2 and m["shards"] == len(shards)
     assert {shard.name for shard in shards} == set(index["weight_map"].values())
     assert not list(merged.glob("adapter_*")) and not list(merged.glob("*.bin"))
+    # A run folder on this disk holds the only copy: the merge moved its shards in, none stay in the cache.
+    assert not list((tmp_path / "cache").rglob("model*.safetensors"))
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     generation = json.loads((merged / "generation_config.json").read_text())

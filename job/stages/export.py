@@ -146,7 +146,7 @@ def run(cfg: Config, ctx) -> dict:
 
     modelfile = write_modelfile(cfg, out_dir, gguf_name(cfg, cfg.export.gguf[0]), written)
     ctx.store.delete(EXPORT)  # last run's files go only now that the new ones are complete and checked
-    uploaded = ctx.store.upload_dir(out_dir, EXPORT)
+    uploaded = ctx.store.move_dir(out_dir, EXPORT)  # nothing here reads them again: no second copy
     return {"files": files, "uploaded": uploaded, "modelfile": f"{EXPORT}/{modelfile.name}",
             "arch": written["arch"], "tokenizer_model": written["tokenizer_model"],
             "tokenizer_pre": written["tokenizer_pre"], "add_bos_token": written["add_bos_token"],

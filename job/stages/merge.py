@@ -264,9 +264,13 @@ def refuse_unless_equal(check: dict, dtype, examples: int, merged_layers: int, c
 
 
 def upload_merged(ctx) -> list[str]:
-    """Replace the run's merged/ with the local copy, then stamp that copy for evaluate and export on
-    this machine (they reuse it instead of downloading it again)."""
+    """Replace the run's merged/ with the local copy. A run folder on this machine gets the files moved
+    in (one copy on the disk: 140 GB for a 70B, not 280); evaluate and export read them there. Else the
+    local copy is stamped for evaluate and export on this machine, which reuse it instead of downloading
+    merged/ again."""
     ctx.store.delete(MERGED)
+    if ctx.store.local_folder(MERGED) is not None:
+        return ctx.store.move_dir(local_merged(ctx.work_root), MERGED)
     files = ctx.store.upload_dir(local_merged(ctx.work_root), MERGED)
     stamp_local_merged(ctx.work_root, ctx.fingerprint)
     return files

@@ -1,8 +1,10 @@
 """merged/ on this machine, for the stages that read the merge's result (evaluate, export).
 
-The merge stage leaves the model it uploaded in its work folder, stamped with its fingerprint once the
-upload is complete. A later stage on the same machine, reading that very result, uses it instead of
-downloading merged/ again (13 GB for a 7B); anywhere else merged/ is downloaded and checked.
+A run folder on this machine (a local run_uri) holds the only copy: the merge moved its files in, and
+later stages read them there. For a run in S3 the merge stage leaves the model it uploaded in its work
+folder, stamped with its fingerprint once the upload is complete. A later stage on the same machine,
+reading that very result, uses it instead of downloading merged/ again (13 GB for a 7B); anywhere else
+merged/ is downloaded and checked.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def merged_folder(ctx, merge_marker: dict) -> Path:
     """merged/ on local disk: the merge stage's own folder when it ran here for this very result, else a
     fresh download from the run, checked (a merged/ changed after the merge, a truncated shard or a missing
     file, ends in exit 2, not a traceback)."""
+    in_run = ctx.store.local_folder(MERGED)
+    if in_run is not None and in_run.is_dir():  # the run is a folder on this machine: read merged/ where it is, no copy
+        check_model_folder(in_run, redact_uri(ctx.store.uri_of(MERGED)), what=f"{MERGED}/",
+                           remedy="rerun with --force merge to write it again (and redo the stages after it)")
+        return in_run
     stamp, local = local_merged_stamp(ctx.work_root), local_merged(ctx.work_root)
     if stamp.is_file() and stamp.read_text().strip() == merge_marker["fingerprint"] and local.is_dir():
         return local
