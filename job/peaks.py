@@ -80,6 +80,19 @@ def _cuda():
     return None
 
 
+_gpu_peak_before_reset = 0  # the running stage's GPU peak before one of its parts reset PyTorch's counter
+
+
+def reset_gpu_peak() -> None:
+    """Reset PyTorch's peak counter so a part of a stage (one model in evaluate, the training loop) can
+    read its own peak, without losing the stage's peak that `measured` records."""
+    global _gpu_peak_before_reset
+    torch = _cuda()
+    if torch is not None:
+        _gpu_peak_before_reset = max(_gpu_peak_before_reset, torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+
+
 @contextmanager
 def measured(record: dict) -> Iterator[None]:
     """Fill `record` with the stage's peaks: host_peak_gb (anonymous), host_peak_rss_gb (with mapped
@@ -87,6 +100,8 @@ def measured(record: dict) -> Iterator[None]:
     scope = "stage" if _reset_host_peak() else "process"
     sampler = _AnonSampler()
     sampler.start()
+    global _gpu_peak_before_reset
+    _gpu_peak_before_reset = 0
     torch = _cuda()
     if torch is not None:
         torch.cuda.reset_peak_memory_stats()
@@ -98,4 +113,5 @@ def measured(record: dict) -> Iterator[None]:
         record["host_peak_rss_gb"] = round(_rss_peak_bytes() / GiB, 2)
         record["host_peak_scope"] = scope
         torch = _cuda()  # the stage may have started CUDA
-        record["gpu_peak_gb"] = round(torch.cuda.max_memory_reserved() / GiB, 2) if torch is not None else None
+        record["gpu_peak_gb"] = (round(max(_gpu_peak_before_reset, torch.cuda.max_memory_reserved()) / GiB, 2)
+                                 if torch is not None else None)

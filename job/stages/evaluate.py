@@ -24,6 +24,7 @@ from job.dtypes import dtype_name, pick_dtype
 from job.errors import InputError
 from job.layout import ADAPTER, EVAL_DATA, MERGED, REPORT, STATS
 from job.model import fetch_model
+from job.peaks import reset_gpu_peak
 from job.platform import free_gpu_memory
 from job.predict import generate, inference_plan, load_inference_tokenizer, load_model
 from job.report import (
@@ -61,7 +62,7 @@ def run(cfg: Config, ctx) -> dict:
     four_bit, why = inference_plan(e.model, model_dir, longest, e.max_new_tokens)
     outputs, scores = {}, {}
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # the merge stage may have run in this process
+        reset_gpu_peak()  # the merge stage may have run in this process; the stage's peak is kept
     for name in ("finetuned", "base") if e.compare_base else ("finetuned",):
         if name == "finetuned":
             model, tokenizer, described = finetuned_model(cfg, ctx, model_dir, dtype, four_bit, why)
@@ -85,7 +86,7 @@ def run(cfg: Config, ctx) -> dict:
         del model
         free_gpu_memory()
         if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()  # each model's own peak
+            reset_gpu_peak()  # each model's own peak; the stage's peak is kept
 
     rows = prediction_rows(records, outputs)
     report = build_report(cfg, ctx, records, scores, described, dtype, device, available)

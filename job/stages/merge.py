@@ -35,6 +35,7 @@ from job.memory import host_available_bytes
 from job.memory_plan import CPU_CHECK_MAX_BYTES  # the logits check on the CPU: small models only
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.model_files import weights_bytes
+from job.peaks import reset_gpu_peak
 from job.platform import free_gpu_memory
 from job.run_files import check_adapter, download_run_folder, read_jsonl
 from job.stages.merged import forget_local_merged, stamp_local_merged
@@ -476,12 +477,11 @@ class PeakMemory:
     """
 
     def __init__(self, device: str):
-        import torch
 
         self.device = device
         self.reset = False
         if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+            reset_gpu_peak()  # the stage's own peak is kept (job/peaks.py)
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.reset = True

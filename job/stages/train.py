@@ -28,6 +28,7 @@ from job.errors import InputError, JobError, Preempted
 from job.layout import ADAPTER, CHECKPOINTS, TENSORBOARD, TRAIN_DATA
 from job.liger import KernelPatches, apply_liger, choose_liger
 from job.model import fetch_model, load_tokenizer, training_attention
+from job.peaks import reset_gpu_peak
 from job.platform import keep_compiled_kernels
 from job.run_files import read_jsonl
 from job.stages.checkpoints import CheckpointSync, ResumePoint, find_resume_checkpoint
@@ -150,7 +151,7 @@ def train(setup: TrainingSetup, ctx) -> None:
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+        reset_gpu_peak()  # the stage's own peak is kept (job/peaks.py)
     trainer, resume = setup.trainer, setup.resume
     with ctx.timer("train"):
         finished = finished_state(resume.path) if resume is not None else None
