@@ -477,7 +477,6 @@ class PeakMemory:
     """
 
     def __init__(self, device: str):
-
         self.device = device
         self.reset = False
         if device == "cuda":
