@@ -85,6 +85,8 @@ PY
 }
 
 # The command that runs the job: `job`, or torchrun over this node's GPUs. Sets LAUNCH (an array).
+# torchrun runs through job.launch (job/launch.py): the same torchrun, in the same process, which
+# prints one line instead of its traceback when a process, the rendezvous or a signal stops it.
 launch_command() {
     local nproc
     nproc=$(gpu_processes) || return 2
@@ -95,7 +97,7 @@ launch_command() {
     # The shutdown timeout is how long torchrun lets its workers finish after a SIGTERM before it
     # kills them (its default, 30 s, is too short to save and upload a checkpoint): keep it below
     # the platform's grace period (Kubernetes terminationGracePeriodSeconds: 600 in k8s/base).
-    LAUNCH=(torchrun --nproc-per-node "$nproc" --shutdown-timeout "${JOB_SHUTDOWN_TIMEOUT:-540}")
+    LAUNCH=(python3 -m job.launch --nproc-per-node "$nproc" --shutdown-timeout "${JOB_SHUTDOWN_TIMEOUT:-540}")
     if [[ -z ${PET_NNODES:-} ]]; then
         LAUNCH+=(--standalone)
     else
@@ -112,7 +114,8 @@ launch_command() {
 
 # Run "$@" as a child, forward SIGTERM/SIGINT to it, and set RC to its real exit code: `wait`
 # returns early (128+signal) when a trap runs, so it is called again until the child has ended.
-# Under torchrun the job's own code comes from JOB_EXIT_CODE_FILE (torchrun says 1 for any failure).
+# Under torchrun the job's own code comes from JOB_EXIT_CODE_FILE (torchrun says 1 for any failure;
+# so does job.launch, after its one line).
 run_forwarding_signals() {
     local signalled=0 child
     "$@" &

@@ -113,7 +113,7 @@ def sandbox(tmp_path):
 
 
 def wait_until_ready(proc, ready: Path) -> None:
-    """Until the fake job (or torchrun) has installed its SIGTERM handler and said so in `ready`."""
+    """Until the fake job (or launcher) has installed its SIGTERM handler and said so in `ready`."""
     deadline = time.monotonic() + 30
     while not ready.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -313,16 +313,20 @@ def test_sagemaker_layers_resolve_in_the_real_config_loader(sandbox):
 
 # -- multi-GPU (JOB_NPROC) -----------------------------------------------------------------------
 
-FAKE_TORCHRUN = textwrap.dedent(
+FAKE_LAUNCHER = textwrap.dedent(
     """\
     #!{python}
-    # Records its argv and environment, then plays a torchrun whose job exits FAKE_JOB_EXIT: the job
-    # writes that code to JOB_EXIT_CODE_FILE, torchrun itself says 1 for any failure, as the real one.
+    # `python3 -m job.launch ARGS` (torchrun ARGS, with one line instead of its traceback: job/launch.py)
+    # records its argv and environment, then plays a launcher whose job exits FAKE_JOB_EXIT: the job
+    # writes that code to JOB_EXIT_CODE_FILE, the launcher itself says 1 for any failure, as the real
+    # one. Any other python3 command runs the real interpreter.
     import json, os, signal, sys, time
     from pathlib import Path
 
+    if sys.argv[1:3] != ["-m", "job.launch"]:
+        os.execv({python!r}, [{python!r}, *sys.argv[1:]])
     env = os.environ
-    Path(env["FAKE_TORCHRUN_RECORD"]).write_text(json.dumps({{"argv": sys.argv[1:], "env": dict(env)}}))
+    Path(env["FAKE_LAUNCHER_RECORD"]).write_text(json.dumps({{"argv": sys.argv[3:], "env": dict(env)}}))
     code = int(env.get("FAKE_JOB_EXIT", "0"))
     if env.get("FAKE_JOB_WAIT_TERM"):
         stopped = []
@@ -340,23 +344,24 @@ FAKE_TORCHRUN = textwrap.dedent(
 
 @pytest.fixture
 def gpus(sandbox):
-    """A fake torchrun and a fake nvidia-smi that lists FAKE_GPUS GPUs."""
+    """A fake launcher (a `python3` that plays `python3 -m job.launch`) and a fake nvidia-smi that
+    lists FAKE_GPUS GPUs."""
     bin_dir = sandbox.root / "bin"
-    (bin_dir / "torchrun").write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    (bin_dir / "python3").write_text(FAKE_LAUNCHER.format(python=sys.executable))
     (bin_dir / "nvidia-smi").write_text(
         '#!/bin/sh\ni=0\nwhile [ "$i" -lt "${FAKE_GPUS:-0}" ]; do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; '
         'i=$((i+1)); done\n')
-    for name in ("torchrun", "nvidia-smi"):
+    for name in ("python3", "nvidia-smi"):
         (bin_dir / name).chmod(0o755)
-    sandbox.env["FAKE_TORCHRUN_RECORD"] = str(sandbox.root / "torchrun.json")
-    sandbox.torchrun_record = lambda: json.loads((sandbox.root / "torchrun.json").read_text())
+    sandbox.env["FAKE_LAUNCHER_RECORD"] = str(sandbox.root / "launcher.json")
+    sandbox.launcher_record = lambda: json.loads((sandbox.root / "launcher.json").read_text())
     return sandbox
 
 
 def test_nproc_auto_runs_torchrun_over_every_gpu(gpus):
     result = gpus.run("run", "--config", "x.yaml", JOB_NPROC="auto", FAKE_GPUS="4")
     assert result.returncode == 0, result.stderr
-    record = gpus.torchrun_record()
+    record = gpus.launcher_record()
     assert record["argv"] == ["--nproc-per-node", "4", "--shutdown-timeout", "540", "--standalone",
                               "-m", "job", "run", "--config", "x.yaml"]
     assert record["env"]["JOB_EXIT_CODE_FILE"]
@@ -365,10 +370,10 @@ def test_nproc_auto_runs_torchrun_over_every_gpu(gpus):
 
 def test_nproc_auto_counts_cuda_visible_devices_and_one_gpu_is_the_plain_job(gpus):
     assert gpus.run("run", JOB_NPROC="auto", FAKE_GPUS="8", CUDA_VISIBLE_DEVICES="2,5").returncode == 0
-    assert gpus.torchrun_record()["argv"][:2] == ["--nproc-per-node", "2"]
-    (gpus.root / "torchrun.json").unlink()
+    assert gpus.launcher_record()["argv"][:2] == ["--nproc-per-node", "2"]
+    (gpus.root / "launcher.json").unlink()
     assert gpus.run("run", JOB_NPROC="auto", FAKE_GPUS="1").returncode == 0
-    assert gpus.record()["argv"] == ["run"] and not (gpus.root / "torchrun.json").exists()
+    assert gpus.record()["argv"] == ["run"] and not (gpus.root / "launcher.json").exists()
 
 
 @pytest.mark.parametrize("code", [2, 3, 4, 75])
@@ -385,7 +390,7 @@ def test_nproc_multi_node_uses_the_rendezvous_variables(gpus):
     result = gpus.run("run", JOB_NPROC="8", PET_NNODES="2", PET_NODE_RANK="1", PET_MASTER_ADDR="node-0",
                       PET_MASTER_PORT="29500", JOB_SHUTDOWN_TIMEOUT="300")
     assert result.returncode == 0, result.stderr
-    record = gpus.torchrun_record()
+    record = gpus.launcher_record()
     assert record["argv"] == ["--nproc-per-node", "8", "--shutdown-timeout", "300", "-m", "job", "run"]
     assert record["env"]["PET_NODE_RANK"] == "1"  # torchrun reads PET_* itself
     assert record["env"]["PET_RDZV_CONF"] == "timeout=1800"  # the entry point's rendezvous wait, unless set
@@ -400,7 +405,7 @@ def test_multi_node_processes_per_node(gpus, nproc_env, expected):
     result = gpus.run("run", PET_NNODES="2", PET_NODE_RANK="0", PET_MASTER_ADDR="qlora-job-master-0",
                       PET_MASTER_PORT="29500", PET_RDZV_CONF="timeout=60", **nproc_env)
     assert result.returncode == 0, result.stderr
-    record = gpus.torchrun_record()
+    record = gpus.launcher_record()
     assert record["argv"][:2] == ["--nproc-per-node", expected]
     assert record["env"]["PET_RDZV_CONF"] == "timeout=60"
 
@@ -413,7 +418,7 @@ def test_sagemaker_multi_instance_from_resourceconfig(gpus):
     gpus.channel("data", {"snli.csv": "a,b\n"})
     result = gpus.run("train", JOB_NPROC="auto", FAKE_GPUS="8")
     assert result.returncode == 0, result.stderr
-    record = gpus.torchrun_record()
+    record = gpus.launcher_record()
     assert record["argv"][:4] == ["--nproc-per-node", "8", "--shutdown-timeout", "540"]
     assert "--standalone" not in record["argv"] and record["argv"][4:7] == ["-m", "job", "run"]
     env = record["env"]

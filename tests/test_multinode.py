@@ -9,7 +9,8 @@ proxy in front of the one moto server), rendezvous over 127.0.0.1, gloo on the C
 - SageMaker with instance_count=2: `entrypoint.sh train` with its own resourceconfig.json and
   hyperparameters.json under SM_ROOT;
 - faults on 2 nodes: SIGTERM to one node (every node exits 75), SIGKILL of node 1 (node 0 exits 69
-  at once, one line naming the lost peer), a rerun in which node 1 starts 30 s late and which resumes.
+  at once, one line naming the lost peer), a rerun in which node 1 starts 30 s late and which resumes;
+  a failed node's log has no traceback, only the job's lines and the launcher's one line (job/launch.py).
 
 Each whole run checks: exit 0 on every node, one writer (node 0; the others only read), identical
 replica digests on every process, and the base model's files fetched exactly once per node (GETs
@@ -297,7 +298,12 @@ def test_faults_sigterm_one_node_lost_node_late_node_and_resume(inputs, make_nod
     stopped_at = latest()
     assert stopped_at < steps
     for node in nodes:
-        assert "unexpected error" not in node.output, node.output
+        assert "unexpected error" not in node.output and "Traceback" not in node.output, node.output
+    # The launcher's one line: node 1's got the SIGTERM, node 0's saw its process exit 75 (torchrun's
+    # own report of that, a ChildFailedError traceback, is not printed).
+    assert "launcher: node 1 of 2: got SIGTERM: passed it on to the job's processes" in nodes[1].output
+    assert re.search(r"launcher: node 0 of 2: rank 0 \(local rank 0, pid \d+\) exited with code 75; their output "
+                     r"is above", nodes[0].output), nodes[0].output[-4000:]
 
     # 2. Rerun; node 1 is lost (every process of it SIGKILLed) after a later checkpoint: node 0 stops
     # at once with exit 69 and one line naming the peer it lost, instead of waiting for a timeout.
@@ -314,8 +320,12 @@ def test_faults_sigterm_one_node_lost_node_late_node_and_resume(inputs, make_nod
     out = nodes[0].output
     lost = [line for line in out.splitlines() if "lost contact with peer" in line]
     assert lost and re.search(r"lost contact with peer 127\.0\.0\.1:\d+", lost[0]), out[-4000:]
-    # The job's own error is that line, no traceback (torchrun adds its report of the failed process).
-    assert "unexpected error" not in out and not re.search(r'File ".*/job/', out), out[-4000:]
+    # The job's own error is that line, then the launcher's one line naming the process that failed:
+    # no traceback, neither the job's nor torchrun's (its ChildFailedError report).
+    assert "unexpected error" not in out and "Traceback" not in out and "ChildFailedError" not in out, out[-4000:]
+    launcher = [line for line in out.splitlines() if line.startswith("launcher: ")]
+    assert len(launcher) == 1 and re.fullmatch(r"launcher: node 0 of 2: rank 0 \(local rank 0, pid \d+\) exited "
+                                               r"with code 69; their output is above", launcher[0]), out[-4000:]
     nodes[1].finish(timeout=60)
 
     # 3. Rerun with node 1 starting 30 s after node 0: node 0 waits at the rendezvous (PET_RDZV_CONF's
