@@ -54,7 +54,7 @@ def snli_texts(csv_path: Path | None, limit: int = 4000) -> list[str]:
 def make_model(out_dir: Path, csv_path: Path | None = None, hidden: int = 64, layers: int = 2,
                heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab_size: int = 1024,
                seed: int = 0, dtype: str = "float32", device: str = "cpu", tokenizer_dir: Path | None = None,
-               model_vocab: int = 0) -> Path:
+               model_vocab: int = 0, max_shard_size: str = "5GB") -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -76,7 +76,7 @@ def make_model(out_dir: Path, csv_path: Path | None = None, hidden: int = 64, la
         model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)  # 5GB: shards like the Hub's 7B-70B checkpoints
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -94,9 +94,11 @@ def main(argv=None):
     parser.add_argument("--model-vocab", type=int, default=0, help="embedding rows (e.g. 32000 for the Llama-2 shape)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, as save_pretrained takes it")
     args = parser.parse_args(argv)
     make_model(args.out_dir, args.csv, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
-               dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer, model_vocab=args.model_vocab)
+               dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer, model_vocab=args.model_vocab,
+               max_shard_size=args.max_shard_size)
     print(args.out_dir)
 
 
