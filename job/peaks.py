@@ -25,7 +25,7 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     try:
         for line in _STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
@@ -35,7 +35,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_host_peak() -> bool:
+def reset_host_peak() -> bool:
     try:
         _CLEAR_REFS.write_text("5")
         return True
@@ -43,8 +43,8 @@ def _reset_host_peak() -> bool:
         return False
 
 
-def _rss_peak_bytes() -> int:
-    peak = _status_kib("VmHWM")
+def rss_peak_bytes() -> int:
+    peak = status_kib("VmHWM")
     if peak is not None:
         return peak * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -56,18 +56,18 @@ class _AnonSampler(threading.Thread):
 
     def __init__(self, interval: float = 0.05):
         super().__init__(name="peak-memory", daemon=True)
-        self.interval, self.peak, self._done = interval, _status_kib("RssAnon"), threading.Event()
+        self.interval, self.peak, self._done = interval, status_kib("RssAnon"), threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
-            now = _status_kib("RssAnon")
+            now = status_kib("RssAnon")
             if now is not None and (self.peak is None or now > self.peak):
                 self.peak = now
 
     def stop(self) -> int | None:
         self._done.set()
         self.join()
-        now = _status_kib("RssAnon")
+        now = status_kib("RssAnon")
         if now is not None and (self.peak is None or now > self.peak):
             self.peak = now
         return None if self.peak is None else self.peak * 1024
@@ -97,7 +97,7 @@ def reset_gpu_peak() -> None:
 def measured(record: dict) -> Iterator[None]:
     """Fill `record` with the stage's peaks: host_peak_gb (anonymous), host_peak_rss_gb (with mapped
     files, host_peak_scope) and gpu_peak_gb (None without CUDA)."""
-    scope = "stage" if _reset_host_peak() else "process"
+    scope = "stage" if reset_host_peak() else "process"
     sampler = _AnonSampler()
     sampler.start()
     global _gpu_peak_before_reset
@@ -110,7 +110,7 @@ def measured(record: dict) -> Iterator[None]:
     finally:
         anon = sampler.stop()
         record["host_peak_gb"] = round(anon / GiB, 2) if anon is not None else None
-        record["host_peak_rss_gb"] = round(_rss_peak_bytes() / GiB, 2)
+        record["host_peak_rss_gb"] = round(rss_peak_bytes() / GiB, 2)
         record["host_peak_scope"] = scope
         torch = _cuda()  # the stage may have started CUDA
         record["gpu_peak_gb"] = (round(max(_gpu_peak_before_reset, torch.cuda.max_memory_reserved()) / GiB, 2)

@@ -23,7 +23,6 @@ Why this way:
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from job.memory import host_available_bytes
 from job.memory_plan import CPU_CHECK_MAX_BYTES  # the logits check on the CPU: small models only
 from job.model import attn_implementation, fetch_model, load_tokenizer
 from job.model_files import weights_bytes
-from job.peaks import reset_gpu_peak
+from job.peaks import reset_gpu_peak, reset_host_peak, rss_peak_bytes, status_kib
 from job.platform import free_gpu_memory
 from job.run_files import check_adapter, download_run_folder, read_jsonl
 from job.stages.merged import forget_local_merged, stamp_local_merged
@@ -470,44 +469,23 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
 
 
 class PeakMemory:
-    """Peak memory of what runs between start and stop: GPU allocations on CUDA, resident set on CPU.
-
-    On Linux the resident-set high-water mark is reset first (/proc/self/clear_refs), so a training
-    stage earlier in the same process does not count; elsewhere ru_maxrss (process lifetime) is used.
-    """
+    """Peak memory of what runs between start and stop (the merge itself, after the inputs are fetched):
+    GPU allocations on CUDA, the resident set (job/peaks.py's measures, reset here)."""
 
     def __init__(self, device: str):
         self.device = device
-        self.reset = False
         if device == "cuda":
             reset_gpu_peak()  # the stage's own peak is kept (job/peaks.py)
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.reset = True
-        except OSError:
-            pass
-        self.rss_start = _status_kb("VmRSS")
+        self.reset = reset_host_peak()
+        self.rss_start = status_kib("VmRSS")
 
     def stop(self) -> dict:
         import torch
 
-        peak_kb = _status_kb("VmHWM") if self.reset else None
-        if peak_kb is None:
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        result = {"peak_rss_gb": round(peak_kb / 2**20, 3),
+        result = {"peak_rss_gb": round(rss_peak_bytes() / 2**30, 3),
                   "rss_before_load_gb": round((self.rss_start or 0) / 2**20, 3),
-                  "peak_rss_measure": "VmHWM since load" if self.reset else "ru_maxrss (process lifetime)"}
+                  "peak_rss_measure": "VmHWM since load" if self.reset else "process lifetime"}
         result["peak_gpu_memory_gb"] = (round(torch.cuda.max_memory_allocated() / 2**30, 3)
                                         if self.device == "cuda" else None)
         return result
-
-
-def _status_kb(field: str):
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
