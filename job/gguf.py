@@ -146,13 +146,18 @@ def _convert_into(path: Path, out_dir: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from job.gguf_parse_once import parse_once
+
     torch_dtype = getattr(torch, dtype)
     try:
         # dequantize=True: plain dense nn.Linear weights (no GGUF kernels, nothing quantized left),
-        # which is what LoRA training, merging and save_pretrained all need.
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        # which is what LoRA training, merging and save_pretrained all need. parse_once: transformers would
+        # parse the file's metadata four times (config, tensors, tokenizer twice), seconds each for a large
+        # vocabulary; the file is only read.
+        with parse_once():
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error) as exc:
         # A truncated file fails inside gguf's reader (struct.error, a reshape of too few bytes).
         raise InputError(f"{path}: transformers cannot load this GGUF file ({path.stat().st_size:,} bytes): "

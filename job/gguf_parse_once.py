@@ -12,6 +12,10 @@ Inside `parse_once()`, both are memoized on the `gguf` module, where transformer
 call time (`from gguf import GGUFReader` inside its functions). Nothing transformers computes changes:
 the reader is read-only (the tensors are a read-only memmap) and the name table is a pure function of
 its arguments. If a future transformers imports them differently, the memo is simply not used.
+
+Contexts nest: an inner `parse_once()` inside an outer one uses the outer memo, so a caller that reads
+the same file in several steps (the export's tensor check, tokenizer check and logits read-back; the
+GGUF conversion's model and tokenizer) wraps them all and parses each file once in total.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from functools import lru_cache
 def parse_once():
     import gguf
 
+    if getattr(gguf.GGUFReader, "_parse_once", False):  # inside an outer parse_once(): its memo serves
+        yield
+        return
     real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict = {}
 
@@ -37,6 +44,7 @@ def parse_once():
             readers[key] = real_reader(path, mode)
         return readers[key]
 
+    reader._parse_once = True
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, lru_cache(maxsize=None)(real_name_map)
     try:
         yield

@@ -68,6 +68,7 @@ def run(cfg: Config, ctx) -> dict:
 
     from job.export_check import check_tensors
     from job.export_gguf import inspect_model, write_gguf
+    from job.gguf_parse_once import parse_once
     from job.memory import host_available_bytes
     from job.stages.merge import PeakMemory, check_examples, logits_of
     from job.stages.merged import merged_folder
@@ -111,32 +112,35 @@ def run(cfg: Config, ctx) -> dict:
         record = {"file": f"{EXPORT}/{path.name}", "bytes": path.stat().st_size,
                   "write_seconds": round(time.monotonic() - t0, 2), "peak_rss_gb": peak["peak_rss_gb"],
                   "peak_rss_measure": peak["peak_rss_measure"], "tensor_types": written["tensor_types"]}
-        memory, t0 = PeakMemory("cpu"), time.monotonic()
-        tensors = check_tensors(plan, path, out_type)
-        tensors.update(seconds=round(time.monotonic() - t0, 2), peak_rss_gb=memory.stop()["peak_rss_gb"])
-        record["tensor_check"] = tensors
-        ctx.log.info("export: %s: %.1f MB in %.1f s (peak RSS %.2f GB); read back tensor by tensor: %d tensors %s "
-                     "in %.1f s (peak RSS %.2f GB)%s", path.name, record["bytes"] / 1e6, record["write_seconds"],
-                     record["peak_rss_gb"], tensors["tensors_checked"],
-                     "match merged/" if tensors["passed"] else "DIFFER", tensors["seconds"], tensors["peak_rss_gb"],
-                     "".join(f"; {k} worst {v['worst_ratio']:.2f} of the allowed error ({v['worst_tensor']})"
-                             for k, v in tensors["types"].items() if k in ("Q8_0", "Q4_0")))
-        if not tensors["passed"]:
-            failures.append(f"{path.name}: tensors differ from merged/: " + "; ".join(tensors["problems"]))
-        if examples:
-            if logits_skipped:
-                check = {**tokenizer_check(path, tokenizer, examples), "logits": logits_skipped}
-            else:
-                check = read_back(path, out_type, plan, tokenizer, examples, reference, cfg.export.min_agreement)
-                ctx.log.info("export: %s: logits read back: argmax agreement %.4f (min %.2f), max logit diff %.3g",
-                             path.name, check["argmax_agreement"], check["min_agreement"], check["max_logit_diff"])
-            record["check"] = check
-            ctx.log.info("export: %s: tokenization %s, special tokens %s, chat template %s", path.name,
-                         "identical" if check["same_tokens"] else "DIFFERENT",
-                         "identical" if check["same_special_tokens"] else "DIFFERENT",
-                         "identical" if check["same_chat_template"] else "DIFFERENT")
-            if not check["passed"]:
-                failures.append(f"{path.name}: {check['problem']}")
+        # One parse of the file's metadata for the tensor check and the read-back below (parse_once): for
+        # a 49k-token vocabulary each parse is seconds of pure Python.
+        with parse_once():
+            memory, t0 = PeakMemory("cpu"), time.monotonic()
+            tensors = check_tensors(plan, path, out_type)
+            tensors.update(seconds=round(time.monotonic() - t0, 2), peak_rss_gb=memory.stop()["peak_rss_gb"])
+            record["tensor_check"] = tensors
+            ctx.log.info("export: %s: %.1f MB in %.1f s (peak RSS %.2f GB); read back tensor by tensor: %d tensors %s "
+                         "in %.1f s (peak RSS %.2f GB)%s", path.name, record["bytes"] / 1e6, record["write_seconds"],
+                         record["peak_rss_gb"], tensors["tensors_checked"],
+                         "match merged/" if tensors["passed"] else "DIFFER", tensors["seconds"], tensors["peak_rss_gb"],
+                         "".join(f"; {k} worst {v['worst_ratio']:.2f} of the allowed error ({v['worst_tensor']})"
+                                 for k, v in tensors["types"].items() if k in ("Q8_0", "Q4_0")))
+            if not tensors["passed"]:
+                failures.append(f"{path.name}: tensors differ from merged/: " + "; ".join(tensors["problems"]))
+            if examples:
+                if logits_skipped:
+                    check = {**tokenizer_check(path, tokenizer, examples), "logits": logits_skipped}
+                else:
+                    check = read_back(path, out_type, plan, tokenizer, examples, reference, cfg.export.min_agreement)
+                    ctx.log.info("export: %s: logits read back: argmax agreement %.4f (min %.2f), max logit diff %.3g",
+                                 path.name, check["argmax_agreement"], check["min_agreement"], check["max_logit_diff"])
+                record["check"] = check
+                ctx.log.info("export: %s: tokenization %s, special tokens %s, chat template %s", path.name,
+                             "identical" if check["same_tokens"] else "DIFFERENT",
+                             "identical" if check["same_special_tokens"] else "DIFFERENT",
+                             "identical" if check["same_chat_template"] else "DIFFERENT")
+                if not check["passed"]:
+                    failures.append(f"{path.name}: {check['problem']}")
         files[out_type] = record
 
     if failures:
@@ -164,6 +168,7 @@ def tokenizer_check(path: Path, tokenizer, examples) -> dict:
 
     with parse_once():
         g_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        in_file = special_tokens_in_file(path)  # the same parse (the reader is read-only)
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in examples]
     same_tokens = all(g_tok(t, add_special_tokens=False)["input_ids"]
                       == tokenizer(t, add_special_tokens=False)["input_ids"]
@@ -171,7 +176,7 @@ def tokenizer_check(path: Path, tokenizer, examples) -> dict:
     # BOS/EOS: what the file tells llama.cpp (its metadata), against what merged/'s tokenizer really does.
     # Not through transformers' GGUF loader: whether it honours tokenizer.ggml.add_bos_token depends on its
     # version (5.17 ignores it for gpt2-style vocabularies, 5.25 does not), and llama.cpp reads the flag.
-    in_file, in_merged = special_tokens_in_file(path), special_tokens_added(tokenizer)
+    in_merged = special_tokens_added(tokenizer)
     same_bos = in_file == in_merged
     same_template = ((getattr(g_tok, "chat_template", None) or None)
                      == (getattr(tokenizer, "chat_template", None) or None))
@@ -227,8 +232,10 @@ def read_back(path: Path, out_type: str, plan, tokenizer, examples, reference, m
     if head_dim(cfg) != cfg["hidden_size"] // cfg["num_attention_heads"]:
         # The file says it (attention.key_length, which llama.cpp reads); transformers' qwen3 reader skips it.
         extra["head_dim"] = head_dim(cfg)
-    tokens = tokenizer_check(path, tokenizer, examples)
-    with parse_once():  # transformers would parse the file's metadata four times (job/gguf_parse_once.py)
+    # transformers would parse the file's metadata four times, the BOS/EOS check once more: once in all
+    # (job/gguf_parse_once.py), or not at all here when the caller's parse_once() has the file already.
+    with parse_once():
+        tokens = tokenizer_check(path, tokenizer, examples)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
     logits = logits_of(model, examples)
     del model
