@@ -28,6 +28,7 @@ import pytest
 from tests.faultproxy import FaultProxy
 from tests.helpers import SNLI_SAMPLE, job_env, run_job
 from tests.s3server import make_bucket
+from tests.session_cache import build_once
 
 RUN = "run"  # every run writes to s3://<its own bucket>/run
 
@@ -47,15 +48,26 @@ SETTINGS = (
 def small_model_dir(tmp_path_factory, tiny_model_dir):  # noqa: F811
     from job.tiny_model import make_model
 
-    return make_model(tmp_path_factory.mktemp("small-model"), hidden=256, intermediate=1024,
-                      tokenizer_dir=tiny_model_dir)
+    def build(out):
+        make_model(out, hidden=256, intermediate=1024, tokenizer_dir=tiny_model_dir)
+
+    return build_once(tmp_path_factory, "small-model", build)[0]
+
+
+# The inputs' bucket has one name on every worker's moto server: the run records data.uri and model.uri
+# (config.yaml, the markers, report.md), so a reference run made on one worker (`reference_run`, built
+# once per test run) compares byte for byte with the runs of another.
+INPUTS_BUCKET = "fault-inputs"
 
 
 @pytest.fixture(scope="session")
 def inputs(moto_server, small_model_dir):
     """(data_uri, model_uri): the CSV and the model in a bucket of their own, put there directly."""
-    bucket = make_bucket(moto_server)
     client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    bucket = INPUTS_BUCKET
+    # test_kill_anywhere.py's instance of this fixture may have made it on this worker: same files again.
+    if bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        make_bucket(moto_server, bucket)
     client.upload_file(str(SNLI_SAMPLE), bucket, "inputs/snli.csv")
     for path in sorted(Path(small_model_dir).iterdir()):
         client.upload_file(str(path), bucket, f"inputs/model/{path.name}")
@@ -146,12 +158,25 @@ def comparable(objects: dict[str, bytes], bucket: str) -> dict[str, object]:
 
 @pytest.fixture(scope="session")
 def reference_run(moto_server, inputs, tmp_path_factory):
-    """A fault-free run straight to moto: the objects every faulty or killed run must reproduce."""
-    bucket = make_bucket(moto_server)
-    env = job_env(moto_server, JOB_CACHE_DIR=tmp_path_factory.mktemp("reference-cache"))
-    result = run_job(*job_args(bucket, inputs), env=env)
-    assert result.returncode == 0, result.stderr
-    return Reference(bucket, snapshot(moto_server, bucket))
+    """A fault-free run straight to moto: the objects every faulty or killed run must reproduce. Made once
+    per test run (tests/session_cache.py: test_faults.py and test_kill_anywhere.py may run on different
+    workers, and each module has its own instance of a session fixture), kept as files; the inputs are the
+    same bytes under the same URIs on every worker (INPUTS_BUCKET, small_model_dir)."""
+
+    def build(folder):
+        bucket = make_bucket(moto_server)
+        env = job_env(moto_server, JOB_CACHE_DIR=tmp_path_factory.mktemp("reference-cache"))
+        result = run_job(*job_args(bucket, inputs), env=env)
+        assert result.returncode == 0, result.stderr
+        for name, data in snapshot(moto_server, bucket).items():
+            (folder / "objects" / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / "objects" / name).write_bytes(data)
+        return {"bucket": bucket}
+
+    folder, info = build_once(tmp_path_factory, "fault-reference-run", build)
+    objects = {p.relative_to(folder / "objects").as_posix(): p.read_bytes()
+               for p in sorted((folder / "objects").rglob("*")) if p.is_file()}
+    return Reference(info["bucket"], objects)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SNLI_SAMPLE, job_env, read_run_file, run_file_exists, run_job
+from tests.session_cache import build_once
 
 
 @dataclass
@@ -44,20 +45,22 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> TrainedRun:
-    """The tiny model and a finished format + train run on it, built once per session. Several test
-    modules import this fixture, and pytest then makes one instance per module: they all find the
-    same folder under the session's base temp and reuse it."""
-    base = tmp_path_factory.getbasetemp() / "trained-run"
-    run = TrainedRun(base / "run", base / "tiny-model")
-    if not (run.run_dir / "_stages" / "train.json").is_file():
+    """The tiny model and a finished format + train run on it, built once per test run. Several test
+    modules import this fixture, and pytest then makes one instance per module (and xdist one per
+    worker): they all get the same folder, built by the first (tests/session_cache.py). Read-only:
+    tests copy it (`seed`)."""
+
+    def build(base):
         from job.tiny_model import make_model
 
-        shutil.rmtree(base, ignore_errors=True)
+        run = TrainedRun(base / "run", base / "tiny-model")
         make_model(run.model_dir, SNLI_SAMPLE)
         result = run_job(*run.args(str(run.run_dir), stages="format,train"), env=job_env(JOB_CACHE_DIR=base / "cache"))
         assert result.returncode == 0, result.stderr
         shutil.rmtree(run.run_dir / "checkpoints")  # not needed downstream; keeps the copies small
-    return run
+
+    base, _ = build_once(tmp_path_factory, "trained-run", build)
+    return TrainedRun(base / "run", base / "tiny-model")
 
 
 def marker(root, endpoint, stage):
