@@ -6,6 +6,7 @@
 #   bash bench/gpu_issue20.sh OUT_DIR both            # 12 GiB free within 8 GB of host memory, then wide
 #   bash bench/gpu_issue20.sh OUT_DIR wide            # a 70B-wide model with 4 layers, the whole card; then
 #                                                     # `job plan` for the real 70B config (80 GB card, 200 GB host)
+#   bash bench/gpu_issue20.sh OUT_DIR small           # a 1B shape, whole card: every stage's plan and peaks
 #   bash bench/gpu_issue20.sh OUT_DIR evaluate16      # after small-cards: its run's evaluate again, 16 GiB free
 #   bash bench/gpu_issue20.sh OUT_DIR 13b             # the 13B shape, 22 GiB free, 16 GB host: up to evaluate
 #   bash bench/gpu_issue20.sh OUT_DIR 13b-export      # then its export, the base's weights deleted first (disk)
@@ -115,6 +116,10 @@ case $what in
       tail -8 /tmp/predict.log | cut -c1-300 >> "$out/summary.txt"
       release
     done
+    ;;
+  small)  # a 1B Llama shape on the whole card: a quick check of every stage's markers (plan and peaks)
+    make_model /tmp/llama1b 2048 16 16 16 5504
+    pipeline 1b /tmp/llama1b
     ;;
   evaluate16)  # the 7B's evaluate again with 16 GiB free (a T4-class card), on small-cards' 12 GiB run
     ballast 16
