@@ -115,12 +115,7 @@ class Store(ABC):
         self.write_bytes(rel, text.encode("utf-8"))
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> list[str]:
-        local_dir = Path(local_dir)
-        if not local_dir.is_dir():
-            raise StorageError(f"folder not found: {local_dir}")
-        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
-        self._parallel(lambda name: self.upload_file(local_dir / name, _join(rel, name)), names)
-        return names
+        return self._each_file(local_dir, rel, self.upload_file)
 
     def move_file(self, local_path: str | Path, rel: str) -> None:
         """upload_file, then the local file is gone (LocalStore renames it: no second copy on the disk)."""
@@ -130,12 +125,17 @@ class Store(ABC):
     def move_dir(self, local_dir: str | Path, rel: str) -> list[str]:
         """upload_dir, leaving no local copy: for outputs nothing on this machine reads again (export's GGUF
         files), and for a run on this machine's disk, where a copy would double the disk a 70B needs."""
+        names = self._each_file(local_dir, rel, self.move_file)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        return names
+
+    def _each_file(self, local_dir: str | Path, rel: str, send: Callable[[Path, str], None]) -> list[str]:
+        """send(file, its name under rel) for every file under local_dir, in parallel; the names, sorted."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StorageError(f"folder not found: {local_dir}")
         names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
-        self._parallel(lambda name: self.move_file(local_dir / name, _join(rel, name)), names)
-        shutil.rmtree(local_dir, ignore_errors=True)
+        self._parallel(lambda name: send(local_dir / name, _join(rel, name)), names)
         return names
 
     def local_folder(self, rel: str) -> Path | None:

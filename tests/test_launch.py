@@ -45,14 +45,20 @@ def no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr and "Root Cause" not in stderr, stderr
 
 
+def the_launcher_line(result, returncode: int) -> str:
+    """The run ended with `returncode`, printed no traceback and exactly one launcher line: that line."""
+    assert result.returncode == returncode, result.stderr
+    no_traceback(result.stderr)
+    (line,) = launcher_lines(result.stderr)
+    return line
+
+
 def test_a_failed_worker_is_one_line_naming_it():
     # Rank 1 fails at once; torchrun stops rank 0 (SIGTERM) because of it.
     result = launch("--standalone", "--nproc-per-node", "2", "--no-python", "sh", "-c",
                     'echo "worker $RANK: the job\'s own error" >&2; [ "$RANK" = 1 ] && exit 69; exec sleep 60')
-    assert result.returncode == 1, result.stderr
-    no_traceback(result.stderr)
+    line = the_launcher_line(result, 1)
     assert "worker 1: the job's own error" in result.stderr
-    (line,) = launcher_lines(result.stderr)
     assert re.fullmatch(r"launcher: this node: rank 1 \(local rank 1, pid \d+\) exited with code 69; "
                         r"then torchrun stopped rank 0; their output is above", line), line
 
@@ -113,9 +119,7 @@ def test_a_rendezvous_that_times_out_is_one_line():
     result = launch("--nproc-per-node", "1", "--no-python", "true",
                     PET_NNODES="2", PET_NODE_RANK="0", PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(port),
                     PET_RDZV_CONF="timeout=1")
-    assert result.returncode == 1, result.stderr
-    no_traceback(result.stderr)
-    (line,) = launcher_lines(result.stderr)
+    line = the_launcher_line(result, 1)
     assert line.startswith(f"launcher: node 0 of 2: the rendezvous at 127.0.0.1:{port} failed (DistStoreError: "
                            "Timed out after "), line
     assert line.endswith("check that every node was started, within PET_RDZV_CONF's timeout, and can reach it")
@@ -149,9 +153,7 @@ def test_through_the_entry_point_the_jobs_line_and_exit_code_and_no_traceback(tm
         env=job_env(PYTHONPATH=package.parent, PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", JOB_NPROC="2",
                     TMPDIR=tmp_path, OMP_NUM_THREADS=1, SM_ROOT=tmp_path / "opt_ml",
                     RUNPOD_WORKSPACE=tmp_path / "no-workspace"))
-    assert result.returncode == 69, result.stderr
-    no_traceback(result.stderr)
+    line = the_launcher_line(result, 69)
     assert "rank 1/2 (local 1): lost contact with peer 10.0.3.7:30645" in result.stderr
-    (line,) = launcher_lines(result.stderr)
     assert re.fullmatch(r"launcher: this node: rank \d \(local rank \d, pid \d+\) exited with code 69.*; "
                         r"their output is above", line), line

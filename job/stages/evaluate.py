@@ -61,8 +61,6 @@ def run(cfg: Config, ctx) -> dict:
     longest = max(len(ids) for ids in base_tokenizer(prompts)["input_ids"])
     four_bit, why = inference_plan(e.model, model_dir, longest, e.max_new_tokens)
     outputs, scores = {}, {}
-    if device == "cuda":
-        reset_gpu_peak()  # the merge stage may have run in this process; the stage's peak is kept
     for name in ("finetuned", "base") if e.compare_base else ("finetuned",):
         if name == "finetuned":
             model, tokenizer, described = finetuned_model(cfg, ctx, model_dir, dtype, four_bit, why)

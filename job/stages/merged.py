@@ -29,22 +29,19 @@ def stamp_local_merged(work_root: Path, fingerprint: str) -> None:
 
 
 def merged_folder(ctx, merge_marker: dict) -> Path:
-    """merged/ on local disk: the merge stage's own folder when it ran here for this very result, else a
-    fresh download from the run, checked (a merged/ changed after the merge, a truncated shard or a missing
-    file, ends in exit 2, not a traceback)."""
-    in_run = ctx.store.local_folder(MERGED)
-    if in_run is not None and in_run.is_dir():  # the run is a folder on this machine: read merged/ where it is, no copy
-        check_model_folder(in_run, redact_uri(ctx.store.uri_of(MERGED)), what=f"{MERGED}/",
-                           remedy="rerun with --force merge to write it again (and redo the stages after it)")
-        return in_run
-    stamp, local = local_merged_stamp(ctx.work_root), local_merged(ctx.work_root)
-    if stamp.is_file() and stamp.read_text().strip() == merge_marker["fingerprint"] and local.is_dir():
-        return local
-    target = ctx.work_dir / MERGED
-    shutil.rmtree(target, ignore_errors=True)
-    ctx.log.info("%s: downloading %s/ from the run (the merge ran elsewhere or earlier)",
-                 ctx.log.name.rpartition(".")[2], MERGED)
-    download_run_folder(ctx.store, MERGED, target, "merge")
-    check_model_folder(target, redact_uri(ctx.store.uri_of(MERGED)), what=f"{MERGED}/",
+    """merged/ on local disk: the run's own when the run is a folder on this machine, the merge stage's
+    own folder when it ran here for this very result, else a fresh download from the run; checked (a
+    merged/ changed after the merge, a truncated shard or a missing file, ends in exit 2, not a traceback)."""
+    folder = ctx.store.local_folder(MERGED)
+    if folder is None or not folder.is_dir():  # else the run is a folder on this machine: read merged/ there
+        stamp, local = local_merged_stamp(ctx.work_root), local_merged(ctx.work_root)
+        if stamp.is_file() and stamp.read_text().strip() == merge_marker["fingerprint"] and local.is_dir():
+            return local
+        folder = ctx.work_dir / MERGED
+        shutil.rmtree(folder, ignore_errors=True)
+        ctx.log.info("%s: downloading %s/ from the run (the merge ran elsewhere or earlier)",
+                     ctx.log.name.rpartition(".")[2], MERGED)
+        download_run_folder(ctx.store, MERGED, folder, "merge")
+    check_model_folder(folder, redact_uri(ctx.store.uri_of(MERGED)), what=f"{MERGED}/",
                        remedy="rerun with --force merge to write it again (and redo the stages after it)")
-    return target
+    return folder
