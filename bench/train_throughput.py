@@ -3,7 +3,8 @@ with its defaults (and any variants), on the same data and model shape.
 
     python bench/train_throughput.py --shape 7b --steps 12 --warmup 4 --repeats 3 \
         [--variant sdpa --variant varlen --variant varlen+liger --variant flex] \
-        [--variant "mine: train.lora_dropout=0"] [--cap-gb 80] [--out results.json]
+        [--variant "mine: train.lora_dropout=0"] \
+        [--variant "seg: env:PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"] [--cap-gb 80] [--out results.json]
 
 Each recipe runs in a fresh process of its own, one after another, on the same card: Liger patches
 the architecture's module for the whole process (it cannot be switched off again), and a fresh
@@ -12,7 +13,8 @@ included, to the end of the first optimizer step; process_first_step_s: from the
 With --repeats N the notebook and the job defaults alternate N times (notebook, job, notebook, ...),
 so a drift of the machine hits both; the summary gives each recipe's median and spread.
 Presets for --variant: sdpa, varlen, varlen+liger, flex (see VARIANTS); any other value is
-"NAME: key=value key=value", the job recipe with those settings.
+"NAME: key=value key=value", the job recipe with those settings (a word "env:VAR=value" sets the recipe
+process's environment instead).
 
 The model has random weights, made on the GPU (speed and memory do not depend on weight values);
 the tokenizer is the test tokenizer trained on SNLI (or --tokenizer DIR). Data: the SNLI
@@ -171,6 +173,8 @@ def run_recipe(name, make, warmup, shape):
     result = timer.summary(warmup)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result.update(recipe=name, settings=settings, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                  reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                  alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                   mfu=result["tokens_per_s"] * flops_per_token(shape, trainable) / PEAK_FLOPS,
                   wall_s=time.perf_counter() - t0, first_step_s=timer.marks[0][0] - t0,
                   process_first_step_s=timer.marks[0][0] - PROCESS_START, device=torch.cuda.get_device_name(),
@@ -209,7 +213,12 @@ def recipe_specs(args) -> list[dict]:
             specs.append({"name": variant.strip(), "kind": "job", "sets": list(VARIANTS[variant.strip()])})
         else:
             name, _, sets = variant.partition(":")
-            specs.append({"name": name.strip(), "kind": "job", "sets": sets.split()})
+            words = sets.split()
+            # "env:VAR=value" words set the child's environment (e.g. PYTORCH_CUDA_ALLOC_CONF, read when
+            # CUDA's allocator starts), the others are job settings
+            env = dict(w[len("env:"):].split("=", 1) for w in words if w.startswith("env:"))
+            specs.append({"name": name.strip(), "kind": "job", "env": env,
+                          "sets": [w for w in words if not w.startswith("env:")]})
     return specs
 
 
@@ -221,7 +230,8 @@ def run_child(spec: dict, args, index: int) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out), "--shape", args.shape,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
            "--model-dir", str(args.model_dir)] + (["--cap-gb", str(args.cap_gb)] if args.cap_gb else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **spec.get("env", {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode != 0 or not out.is_file():
         return {"recipe": spec["name"], "settings": {"sets": spec["sets"]}, "error": f"exit code {proc.returncode}"}
@@ -258,15 +268,16 @@ def summarise(results: list[dict], args) -> None:
     cap = f", memory capped at {args.cap_gb:g} GiB" if args.cap_gb else ""
     print(f"\n{device}, shape {args.shape}, {args.steps} measured steps after {args.warmup}{cap}")
     print("each run:")
-    print(f"{'recipe':<28}{'tok/s':>9}{'s/step':>8}{'tok/step':>10}{'peak GiB':>10}{'MFU':>7}{'x nb':>7}"
-          f"{'1st step s':>11}{'from start':>11}")
+    print(f"{'recipe':<28}{'tok/s':>9}{'s/step':>8}{'tok/step':>10}{'peak GiB':>10}{'reserved':>10}{'MFU':>7}"
+          f"{'x nb':>7}{'1st step s':>11}{'from start':>11}")
     for r in results:
         if r.get("error"):
             print(f"{r['recipe']:<28}{r['error']}\n    settings: {r['settings']}")
             continue
         ratio = f"{r['tokens_per_s'] / base:.1f}" if base else "-"
         print(f"{r['recipe']:<28}{r['tokens_per_s']:>9.0f}{r['s_per_step']:>8.2f}{r['tokens_per_step']:>10.0f}"
-              f"{r['peak_gib']:>10.1f}{r['mfu']:>7.1%}{ratio:>7}{r['first_step_s']:>11.1f}"
+              f"{r['peak_gib']:>10.1f}{r.get('reserved_gib', float('nan')):>10.1f}{r['mfu']:>7.1%}{ratio:>7}"
+              f"{r['first_step_s']:>11.1f}"
               f"{r.get('process_first_step_s', float('nan')):>11.1f}")
         print(f"    settings: {r['settings']}")
     print("by recipe (median, spread = min-max over runs):")
@@ -275,7 +286,8 @@ def summarise(results: list[dict], args) -> None:
         speeds = [r["tokens_per_s"] for r in runs]
         firsts = ", ".join(f"{r['first_step_s']:.1f}" for r in runs)
         print(f"  {name:<26} {statistics.median(speeds):>9,.0f} tok/s  spread {min(speeds):,.0f}-{max(speeds):,.0f}"
-              f"  ({len(runs)} runs)  first step s: {firsts}  peak GiB {max(r['peak_gib'] for r in runs):.1f}")
+              f"  ({len(runs)} runs)  first step s: {firsts}  peak GiB {max(r['peak_gib'] for r in runs):.1f}"
+              f"  reserved GiB {max(r.get('reserved_gib', 0) for r in runs):.1f}")
 
 
 def main():
