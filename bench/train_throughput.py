@@ -143,7 +143,8 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
     trainer.args.disable_tqdm = True
     return trainer, {**settings, "attention": kernels["attention"], "liger": kernels["liger"],
-                     "liger_reason": kernels["liger_reason"]}
+                     "liger_reason": kernels["liger_reason"],
+                     "lora_dropout_recomputed": trainer.lora_dropout_recompute["layers"]}
 
 
 def flops_per_token(shape, trainable: int) -> float:

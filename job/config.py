@@ -189,6 +189,11 @@ class TrainConfig:
     """Liger kernels for RoPE, RMSNorm and SwiGLU (package liger-kernel, in the image and the `gpu` extra): auto uses
     them on CUDA when installed and the architecture is supported; true requires them (exit 2 if they cannot be
     used); false: off."""
+    recompute_lora_dropout: Union[bool, str] = "auto"
+    """Apply the LoRA dropout inside lora_A and draw its mask again in the backward pass instead of storing the masks
+    and dropped inputs (the same forward and gradients, far less activation memory, so a larger micro-batch fits):
+    auto does it when activation checkpointing is off (with checkpointing each layer is recomputed anyway); false:
+    peft's own dropout."""
     seed: int = 42
     """Seed for LoRA initialisation, shuffling and dropout."""
     logging_steps: int = at_least(10, 1)
@@ -612,6 +617,9 @@ def _check_values(cfg: Config) -> list[str]:
                         f"got {cfg.train.gradient_checkpointing!r}")
     if isinstance(cfg.train.liger, str) and cfg.train.liger != "auto":
         problems.append(f"train.liger: must be true, false or \"auto\", got {cfg.train.liger!r}")
+    if isinstance(cfg.train.recompute_lora_dropout, str) and cfg.train.recompute_lora_dropout != "auto":
+        problems.append("train.recompute_lora_dropout: must be true, false or \"auto\", got "
+                        f"{cfg.train.recompute_lora_dropout!r}")
     if isinstance(cfg.merge.check_logits, str) and cfg.merge.check_logits != "auto":
         problems.append(f"merge.check_logits: must be true, false or \"auto\", got {cfg.merge.check_logits!r}")
     if cfg.evaluate.temperature <= 0:

@@ -14,7 +14,9 @@ from job.pipeline import Stage
 # How often to log or checkpoint changes nothing in the adapter: changing them keeps a run resumable.
 OPERATIONAL_TRAIN_KEYS = ("train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints",
                           "train.background_upload", "train.logging_steps", "train.dataloader_workers",
-                          "train.distributed_timeout_minutes", "train.report_to")
+                          "train.distributed_timeout_minutes", "train.report_to",
+                          # the same forward and gradients, recomputed instead of stored (job/lora_dropout.py)
+                          "train.recompute_lora_dropout")
 
 # Where the merge runs, how its files are sharded and how strictly it is checked leave the weights as they are.
 OPERATIONAL_MERGE_KEYS = ("merge.device", "merge.max_shard_size", "merge.check_prompts", "merge.tolerance")

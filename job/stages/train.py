@@ -27,6 +27,7 @@ from job.dtypes import dtype_name, pick_dtype
 from job.errors import InputError, JobError, Preempted
 from job.layout import ADAPTER, CHECKPOINTS, TENSORBOARD, TRAIN_DATA
 from job.liger import KernelPatches, apply_liger, choose_liger
+from job.lora_dropout import choose_recompute, fold_lora_dropout
 from job.model import fetch_model, load_tokenizer, training_attention
 from job.peaks import reset_gpu_peak
 from job.platform import keep_compiled_kernels
@@ -112,6 +113,9 @@ def set_up(cfg: Config, ctx, patches: KernelPatches | None = None) -> TrainingSe
                  model.get_memory_footprint() / 2**30,
                  f" on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else " on CPU")
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
+    dropout = trainer.lora_dropout_recompute
+    ctx.log.info("train: LoRA dropout %s (%s)", f"recomputed in the backward pass in {dropout['layers']} layers"
+                 if dropout["used"] else "stored by peft", dropout["reason"])
     label_report = check_labels(trainer, tokenizer)
     ctx.log.info("train: label check passed on %d examples (%d supervised tokens, EOS supervised in each)",
                  label_report["examples"], label_report["supervised_tokens"])
@@ -225,6 +229,7 @@ def train_metrics(cfg: Config, ctx, setup: TrainingSetup, replicas: list[str]) -
         "settings": setup.settings,
         "attention": {"implementation": setup.kernels["attention"], "reason": setup.kernels["attention_reason"]},
         "liger": {"used": setup.kernels["liger"], "reason": setup.kernels["liger_reason"]},
+        "recompute_lora_dropout": setup.trainer.lora_dropout_recompute,
         "label_check": setup.label_report,
         "checkpoints_uploaded": setup.trainer.checkpoint_sync.uploaded_steps,
         "processes": ctx.ranks.world_size,
@@ -303,7 +308,9 @@ def plan_batch(cfg: Config, examples, model_dir: Path, kernels: dict | None = No
     free = usable_gpu_memory()
     budget = 0.90 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
     kernels = kernels if kernels is not None else choose_kernels(cfg, model_dir)
-    per_token = {ckpt: shape.activation_bytes_per_token(ckpt, kernels["liger"], t.lora_dropout)
+    # Without checkpointing, a recomputed LoRA dropout (job/lora_dropout.py) stores what dropout 0 stores.
+    stored_dropout = {False: 0 if choose_recompute(cfg, False)[0] else t.lora_dropout, True: t.lora_dropout}
+    per_token = {ckpt: shape.activation_bytes_per_token(ckpt, kernels["liger"], stored_dropout[ckpt])
                  for ckpt in (False, True)}
     length = t.packing_length if t.packing_length != "auto" else max(2048, longest)
     if not t.packing:
@@ -427,6 +434,9 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     trainer.checkpoint_sync = sync
+    recompute, reason = choose_recompute(cfg, settings["gradient_checkpointing"])
+    trainer.lora_dropout_recompute = {"used": recompute, "reason": reason,
+                                      "layers": fold_lora_dropout(trainer.model) if recompute else 0}
     use_progress_log(trainer, ctx.log, sync, bars=ctx.ranks.is_main and progress_bars())
     return trainer
 
