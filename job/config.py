@@ -189,11 +189,11 @@ class TrainConfig:
     """Liger kernels for RoPE, RMSNorm and SwiGLU (package liger-kernel, in the image and the `gpu` extra): auto uses
     them on CUDA when installed and the architecture is supported; true requires them (exit 2 if they cannot be
     used); false: off."""
-    recompute_lora_dropout: Union[bool, str] = "auto"
+    recompute_lora_dropout: Union[bool, str] = False
     """Apply the LoRA dropout inside lora_A and draw its mask again in the backward pass instead of storing the masks
-    and dropped inputs (the same forward and gradients, far less activation memory, so a larger micro-batch fits):
-    auto does it when activation checkpointing is off (with checkpointing each layer is recomputed anyway); false:
-    peft's own dropout."""
+    and dropped inputs (the same forward and gradients, less activation memory, so the planner takes a larger
+    micro-batch): auto does it when activation checkpointing is off (with it each layer is recomputed anyway); true
+    always; false (the default until its speed and memory are measured on a GPU): peft's own dropout."""
     seed: int = 42
     """Seed for LoRA initialisation, shuffling and dropout."""
     logging_steps: int = at_least(10, 1)

@@ -237,7 +237,8 @@ def test_plan_varlen_140_gib_no_checkpointing(plan_7b):
 
 
 def test_plan_varlen_80_gib_fits_with_headroom(plan_7b):
-    # measured with peft's stored dropout: 2048 x 4 without checkpointing peaked at 62.7 GiB under an 80 GiB cap
+    # measured with peft's stored dropout (the default): 2048 x 4 without checkpointing peaked at 62.7 GiB under
+    # an 80 GiB cap
     stored = "train.recompute_lora_dropout=false"
     plan = plan_7b(80, "varlen", False, stored)
     assert (plan["packing_length"], plan["micro_batch_size"], plan["gradient_checkpointing"]) == (2048, 4, False)
@@ -248,11 +249,12 @@ def test_plan_varlen_80_gib_fits_with_headroom(plan_7b):
 def test_plan_with_the_dropout_recomputed_takes_a_larger_batch(plan_7b):
     # a recomputed LoRA dropout stores what dropout 0 stores: 2048 x 8 with Liger on an H100 (dropout 0
     # measured 69.0 GiB there, docs/benchmarks.md)
-    assert plan_7b(80)["micro_batch_size"] == 6
-    assert plan_7b(78.7, "varlen", True)["micro_batch_size"] == 8
-    assert plan_7b(78.7, "varlen", True)["gradient_checkpointing"] is False
+    recompute = "train.recompute_lora_dropout=auto"
+    assert plan_7b(80, "varlen", False, recompute)["micro_batch_size"] == 6
+    assert plan_7b(78.7, "varlen", True, recompute)["micro_batch_size"] == 8
+    assert plan_7b(78.7, "varlen", True, recompute)["gradient_checkpointing"] is False
     # with checkpointing (a small card) nothing changes: the layers are recomputed anyway
-    assert plan_7b(16) == plan_7b(16, "varlen", False, "train.recompute_lora_dropout=false")
+    assert plan_7b(16, "varlen", False, recompute) == plan_7b(16)
 
 
 def test_plan_varlen_16_gib_checkpoints(plan_7b):

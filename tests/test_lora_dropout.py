@@ -76,8 +76,10 @@ def test_choice_and_its_reason():
     def cfg(*sets):
         return load_config(None, ("run_uri=/r", "data.uri=d.csv", "model.uri=/m", *sets), environ={})
 
-    assert choose_recompute(cfg(), checkpointing=False)[0] is True
-    assert choose_recompute(cfg(), checkpointing=True) == (
+    assert choose_recompute(cfg(), checkpointing=False) == (False, "off (train.recompute_lora_dropout: false)")
+    auto = "train.recompute_lora_dropout=auto"
+    assert choose_recompute(cfg(auto), checkpointing=False)[0] is True
+    assert choose_recompute(cfg(auto), checkpointing=True) == (
         False, "auto: not needed, activation checkpointing recomputes each layer anyway")
     assert choose_recompute(cfg("train.recompute_lora_dropout=false"), False) == (
         False, "off (train.recompute_lora_dropout: false)")
