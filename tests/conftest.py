@@ -1,15 +1,7 @@
 """Shared fixtures: moto's S3 server, s3rver (a second S3 implementation), `store_root`, which runs a
 test once on a folder and once on S3 (moto), the tiny model, and `small_cache` (a full disk)."""
 
-import os
 import subprocess
-
-# One OpenMP thread per process, set before anything imports torch, in the test workers and (inherited)
-# in every job process they start. The suite runs four workers on CI's two cores and most tests start
-# job processes of their own, so torch's intra-op threads only fight each other for the cores and spin
-# while they wait: a tiny-model `job run` (format, train 12 steps, merge, evaluate) took 45.5 CPU-s with
-# two threads and 25.0 with one, under the suite's load, with the same losses. A user's own value wins.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -35,10 +27,17 @@ def small_cache(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-# The longest test files first. With `--dist loadfile` each file runs whole on one worker, in collection
-# order, so a long file that starts last sets CI's wall time while the other workers sit idle (the
-# 2026-12-06 run ended on one file for its last ten minutes). Longest first is the classic fix.
-LONGEST_FIRST = ("test_multinode.py", "test_kill_anywhere.py", "test_faults.py", "test_distributed.py")
+# The longest test files first, longest to shortest (their wall time in the CI run of 2026-12-07, seconds:
+# train ~510, export 460, lease 410, run_state 380, multinode 375, kill_anywhere 365, bad_inputs 310, secrets
+# ~280, faults 250, evaluate 250, hub 220, trackers 170, merge 160, distributed 160, predict 155, format 130,
+# formats 110, logs 100); the short files follow in collection order and fill the gaps. With `--dist loadfile`
+# each file runs whole on one worker, in this order only with `--no-loadscope-reorder` (pyproject.toml):
+# xdist's default reorders files by their number of tests, which put the three longest files last, on one
+# worker, for the last six minutes of the 2026-12-07 run while the other three workers sat idle.
+LONGEST_FIRST = ("test_train.py", "test_export.py", "test_lease.py", "test_run_state.py", "test_multinode.py",
+                 "test_kill_anywhere.py", "test_bad_inputs.py", "test_secrets.py", "test_faults.py",
+                 "test_evaluate.py", "test_hub.py", "test_trackers.py", "test_merge.py", "test_distributed.py",
+                 "test_predict.py", "test_format.py", "test_formats.py", "test_logs.py")
 
 
 def pytest_collection_modifyitems(items):
