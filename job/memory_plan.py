@@ -215,8 +215,8 @@ def _train(cfg, shape: ModelShape, machine: Machine, base4: float, lora: int) ->
     fixed = base4 + 16 * lora + GPU_FIXED
     need = fixed + shape.activation_bytes_per_token(checkpointing=True) * length  # one packed row, checkpointed
     # The batch planner fills up to 90% of the free memory with up to 16k tokens (no checkpointing) per step.
-    # Without checkpointing the LoRA dropout is recomputed unless switched off (job/lora_dropout.py): what is
-    # stored is then what dropout 0 stores.
+    # With train.recompute_lora_dropout auto or true, a run without checkpointing recomputes the LoRA dropout
+    # (job/lora_dropout.py choose_recompute, not imported here: it needs torch) and stores what dropout 0 stores.
     stored_dropout = t.lora_dropout if t.recompute_lora_dropout is False else 0
     wanted = fixed + shape.activation_bytes_per_token(False, lora_dropout=stored_dropout) * 16384
     checkpoints = 3 * 4 * lora * (t.keep_checkpoints + 1)  # weights + two AdamW moments, fp32, kept + one in flight

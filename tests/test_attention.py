@@ -251,8 +251,8 @@ def test_plan_with_the_dropout_recomputed_takes_a_larger_batch(plan_7b):
     # measured 69.0 GiB there, docs/benchmarks.md)
     recompute = "train.recompute_lora_dropout=auto"
     assert plan_7b(80, "varlen", False, recompute)["micro_batch_size"] == 6
-    assert plan_7b(78.7, "varlen", True, recompute)["micro_batch_size"] == 8
-    assert plan_7b(78.7, "varlen", True, recompute)["gradient_checkpointing"] is False
+    h100_liger = plan_7b(78.7, "varlen", True, recompute)
+    assert (h100_liger["micro_batch_size"], h100_liger["gradient_checkpointing"]) == (8, False)
     # with checkpointing (a small card) nothing changes: the layers are recomputed anyway
     assert plan_7b(16, "varlen", False, recompute) == plan_7b(16)
 
