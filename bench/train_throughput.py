@@ -142,9 +142,23 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
     ctx = Context(store=open_store(f"{out_dir}/run"), work_dir=Path(out_dir) / "work", fingerprint="bench")
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
     trainer.args.disable_tqdm = True
-    return trainer, {**settings, "attention": kernels["attention"], "liger": kernels["liger"],
+    compiled = compile_decoder_layers(trainer.model, os.environ.get("BENCH_COMPILE_LAYERS", ""))
+    return trainer, {**settings, "compiled_layers": compiled, "attention": kernels["attention"], "liger": kernels["liger"],
                      "liger_reason": kernels["liger_reason"],
                      "lora_dropout_recomputed": trainer.lora_dropout_recompute["layers"]}
+
+
+def compile_decoder_layers(model, how: str) -> int:
+    """Regional compilation (issue 21's lever, as Unsloth does): `torch.compile` of each decoder layer in
+    place; the layers share their code, so one compiled graph serves all of them. `how`: "" (off), "1"
+    (torch's default shapes), "dynamic" (dynamic=True: packed rows change cu_seqlens every step).
+    A trial in the bench (variant word env:BENCH_COMPILE_LAYERS=...), not a job setting until it wins."""
+    if not how:
+        return 0
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile(dynamic=True if how == "dynamic" else None)
+    return len(layers)
 
 
 def flops_per_token(shape, trainable: int) -> float:
