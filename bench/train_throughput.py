@@ -143,8 +143,8 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
     trainer.args.disable_tqdm = True
     compiled = compile_decoder_layers(trainer.model, os.environ.get("BENCH_COMPILE_LAYERS", ""))
-    return trainer, {**settings, "compiled_layers": compiled, "attention": kernels["attention"], "liger": kernels["liger"],
-                     "liger_reason": kernels["liger_reason"],
+    return trainer, {**settings, "compiled_layers": compiled, "attention": kernels["attention"],
+                     "liger": kernels["liger"], "liger_reason": kernels["liger_reason"],
                      "lora_dropout_recomputed": trainer.lora_dropout_recompute["layers"]}
 
 

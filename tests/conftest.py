@@ -14,7 +14,7 @@ import subprocess
 # A user's own value wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402 - after the thread setting
+import pytest
 
 # Session fixtures shared by several modules live here: imported into each test module instead, pytest
 # would build them once per module.
@@ -38,14 +38,12 @@ def small_cache(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-# The longest test files first, longest to shortest. kill_anywhere leads: its two chained tests took 734 s of
-# the 996 s run of 2026-12-07 (fresh clone, one OpenMP thread), and sixth in the list it started late and ended
-# last, alone on its worker. The rest by their wall time in the runs of 2026-12-07 (train, export, lease,
-# run_state, multinode, bad_inputs, secrets, faults, evaluate, hub, trackers, merge, distributed, predict,
-# format, formats, logs); the short files follow in collection order and fill the gaps. With `--dist loadfile`
-# each file runs whole on one worker, in this order only with `--no-loadscope-reorder` (pyproject.toml):
-# xdist's default reorders files by their number of tests, which put the three longest files last, on one
-# worker, for the last six minutes of a run while the other three workers sat idle.
+# The longest test files first, longest to shortest (wall times of the runs of 2026-12-07): kill_anywhere
+# leads, its two chained tests took 734 s of the 996 s run, and sixth in the list it started late and ended
+# last, alone on its worker. The short files follow in collection order and fill the gaps. With `--dist
+# loadfile` each file runs whole on one worker, in this order only with `--no-loadscope-reorder`
+# (pyproject.toml): xdist's default reorders files by their number of tests, which put the three longest files
+# last, on one worker, for the last six minutes of a run while the other three workers sat idle.
 LONGEST_FIRST = ("test_kill_anywhere.py", "test_multinode.py", "test_train.py", "test_export.py", "test_lease.py",
                  "test_run_state.py", "test_bad_inputs.py", "test_secrets.py", "test_faults.py",
                  "test_evaluate.py", "test_hub.py", "test_trackers.py", "test_merge.py", "test_distributed.py",
