@@ -145,7 +145,8 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
     compiled = compile_decoder_layers(trainer.model, os.environ.get("BENCH_COMPILE_LAYERS", ""))
     return trainer, {**settings, "compiled_layers": compiled, "attention": kernels["attention"],
                      "liger": kernels["liger"], "liger_reason": kernels["liger_reason"],
-                     "lora_dropout_recomputed": trainer.lora_dropout_recompute["layers"]}
+                     "lora_dropout_recomputed": trainer.lora_dropout_recompute["layers"],
+                     "fused_lora_layers": trainer.fused_lora["layers"]}
 
 
 def compile_decoder_layers(model, how: str) -> int:

@@ -189,6 +189,10 @@ class TrainConfig:
     """Liger kernels for RoPE, RMSNorm and SwiGLU (package liger-kernel, in the image and the `gpu` extra): auto uses
     them on CUDA when installed and the architecture is supported; true requires them (exit 2 if they cannot be
     used); false: off."""
+    fused_lora: Union[bool, str] = "auto"
+    """Compute each LoRA layer as one autograd function added in place to the base layer's output (job/fused_lora.py:
+    the same forward and gradients as peft's, without peft's copies of each layer's output): auto uses it on CUDA;
+    true always; false: peft's own forward."""
     recompute_lora_dropout: Union[bool, str] = False
     """Apply the LoRA dropout inside lora_A and draw its mask again in the backward pass instead of storing the masks
     and dropped inputs (the same forward and gradients, less activation memory, so the planner takes a larger
@@ -617,6 +621,8 @@ def _check_values(cfg: Config) -> list[str]:
                         f"got {cfg.train.gradient_checkpointing!r}")
     if isinstance(cfg.train.liger, str) and cfg.train.liger != "auto":
         problems.append(f"train.liger: must be true, false or \"auto\", got {cfg.train.liger!r}")
+    if isinstance(cfg.train.fused_lora, str) and cfg.train.fused_lora != "auto":
+        problems.append(f"train.fused_lora: must be true, false or \"auto\", got {cfg.train.fused_lora!r}")
     if isinstance(cfg.train.recompute_lora_dropout, str) and cfg.train.recompute_lora_dropout != "auto":
         problems.append("train.recompute_lora_dropout: must be true, false or \"auto\", got "
                         f"{cfg.train.recompute_lora_dropout!r}")

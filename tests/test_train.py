@@ -70,6 +70,7 @@ def test_train_to_completion(run_setup, reference_losses):
     assert m["attention"] == {"implementation": "sdpa", "reason": "auto: sdpa, because no CUDA device "
                               "(varlen_attn runs on NVIDIA GPUs only)"}
     assert m["liger"]["used"] is False and "no CUDA device" in m["liger"]["reason"]
+    assert m["fused_lora"]["used"] is False and "no CUDA device" in m["fused_lora"]["reason"]
     assert [e["step"] for e in m["loss_curve"]] == list(range(1, MAX_STEPS + 1))
     assert m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
@@ -114,7 +115,10 @@ def test_sigkill_after_first_checkpoint_then_resume(run_setup, reference_losses)
 
 def test_sigterm_checkpoints_exits_75_and_resumes(run_setup, reference_losses):
     root, endpoint, data_uri, env, model_dir = run_setup
-    proc = start_job(train_args(root, data_uri, model_dir), env)
+    # with the fused LoRA function (job/fused_lora.py, the default on CUDA): the losses below must still
+    # equal the reference run's, which used peft's forward
+    fused = "train.fused_lora=true"
+    proc = start_job(train_args(root, data_uri, model_dir, "--set", fused), env)
     first = wait_for_latest(root, endpoint, proc)  # training is under way
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=300)
@@ -126,9 +130,10 @@ def test_sigterm_checkpoints_exits_75_and_resumes(run_setup, reference_losses):
     assert latest["step"] == stopped_at  # the checkpoint holds every finished step
     assert not run_file_exists(root, endpoint, "_stages/train.json")
 
-    result = run_job(*train_args(root, data_uri, model_dir), env=env)
+    result = run_job(*train_args(root, data_uri, model_dir, "--set", fused), env=env)
     assert result.returncode == 0, result.stderr
     m = marker(root, endpoint, "train")["metrics"]
+    assert m["fused_lora"] == {"used": True, "reason": "train.fused_lora: true", "layers": 14}
     assert m["resumed_from_step"] == stopped_at  # no step lost
     assert [e["step"] for e in m["loss_curve"]] == list(range(1, MAX_STEPS + 1))
     for entry in m["loss_curve"]:

@@ -16,7 +16,8 @@ OPERATIONAL_TRAIN_KEYS = ("train.checkpoint_every_steps", "train.checkpoint_ever
                           "train.background_upload", "train.logging_steps", "train.dataloader_workers",
                           "train.distributed_timeout_minutes", "train.report_to",
                           # the same forward and gradients, recomputed instead of stored (job/lora_dropout.py)
-                          "train.recompute_lora_dropout")
+                          # or computed without peft's copies (job/fused_lora.py)
+                          "train.recompute_lora_dropout", "train.fused_lora")
 
 # Where the merge runs, how its files are sharded and how strictly it is checked leave the weights as they are.
 OPERATIONAL_MERGE_KEYS = ("merge.device", "merge.max_shard_size", "merge.check_prompts", "merge.tolerance")

@@ -25,6 +25,7 @@ from job import distributed, hub, memory_plan
 from job.config import Config
 from job.dtypes import dtype_name, pick_dtype
 from job.errors import InputError, JobError, Preempted
+from job.fused_lora import choose_fused_lora, fuse_lora_layers
 from job.layout import ADAPTER, CHECKPOINTS, TENSORBOARD, TRAIN_DATA
 from job.liger import KernelPatches, apply_liger, choose_liger
 from job.lora_dropout import choose_recompute, fold_lora_dropout
@@ -113,9 +114,11 @@ def set_up(cfg: Config, ctx, patches: KernelPatches | None = None) -> TrainingSe
                  model.get_memory_footprint() / 2**30,
                  f" on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else " on CPU")
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
-    dropout = trainer.lora_dropout_recompute
-    ctx.log.info("train: LoRA dropout %s (%s)", f"recomputed in the backward pass in {dropout['layers']} layers"
-                 if dropout["used"] else "stored by peft", dropout["reason"])
+    fused, dropout = trainer.fused_lora, trainer.lora_dropout_recompute
+    ctx.log.info("train: fused LoRA %s (%s); LoRA dropout %s (%s)",
+                 f"on in {fused['layers']} layers" if fused["used"] else "off, peft's forward", fused["reason"],
+                 f"recomputed in the backward pass in {dropout['layers']} layers" if dropout["used"] else "stored",
+                 dropout["reason"])
     label_report = check_labels(trainer, tokenizer)
     ctx.log.info("train: label check passed on %d examples (%d supervised tokens, EOS supervised in each)",
                  label_report["examples"], label_report["supervised_tokens"])
@@ -229,6 +232,7 @@ def train_metrics(cfg: Config, ctx, setup: TrainingSetup, replicas: list[str]) -
         "settings": setup.settings,
         "attention": {"implementation": setup.kernels["attention"], "reason": setup.kernels["attention_reason"]},
         "liger": {"used": setup.kernels["liger"], "reason": setup.kernels["liger_reason"]},
+        "fused_lora": setup.trainer.fused_lora,
         "recompute_lora_dropout": setup.trainer.lora_dropout_recompute,
         "label_check": setup.label_report,
         "checkpoints_uploaded": setup.trainer.checkpoint_sync.uploaded_steps,
@@ -437,8 +441,14 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
                          peft_config=peft_config, callbacks=callbacks)
     trainer.checkpoint_sync = sync
     recompute, reason = choose_recompute(cfg, settings["gradient_checkpointing"])
-    trainer.lora_dropout_recompute = {"used": recompute, "reason": reason,
-                                      "layers": fold_lora_dropout(trainer.model) if recompute else 0}
+    fused, fused_reason = choose_fused_lora(cfg)
+    if fused:  # the fused function draws the dropout again itself (job/fused_lora.py)
+        layers = fuse_lora_layers(trainer.model, recompute_dropout=recompute)
+        dropped = layers if recompute and t.lora_dropout > 0 else 0
+    else:
+        layers, dropped = 0, fold_lora_dropout(trainer.model) if recompute else 0
+    trainer.fused_lora = {"used": fused, "reason": fused_reason, "layers": layers}
+    trainer.lora_dropout_recompute = {"used": recompute, "reason": reason, "layers": dropped}
     use_progress_log(trainer, ctx.log, sync, bars=ctx.ranks.is_main and progress_bars())
     return trainer
 

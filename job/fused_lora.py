@@ -1,0 +1,228 @@
+"""The LoRA update as one autograd function added in place to the base layer's output (issue 21).
+
+peft computes a LoRA layer on a 4-bit base as
+
+    result = base(x).clone()                                  # "defensively" (peft/tuners/lora/bnb.py)
+    result = result + lora_B(lora_A(dropout(x))) * scaling
+
+which, besides the two small matmuls, writes the layer's whole output four more times in the forward
+pass (the clone, lora_B's output, the scaled copy, the sum) and once more in the backward pass (the
+gradient times the scaling), and keeps the dropout's mask and the dropped input for the backward
+pass. For the 7 linear kinds of a Llama block that is memory traffic of the size of the block's
+activations, spent on elementwise copies.
+
+`fused_lora` does the same arithmetic with one matrix product into the output that is there anyway:
+
+    xa = dropout(x) @ A^T                  (rank r columns, kept for the backward pass)
+    result += scaling * xa @ B^T           (addmm_ into the base output, no copy, no scaled tensor)
+
+and the backward pass computes the gradients of A, B and x directly, the scaling folded into the
+small matrices. The dropout is drawn as torch draws it for peft (the same mask under the same seed);
+with `recompute` its mask and dropped input are not stored: the random generator's state is, and the
+backward pass draws the same mask again (with activation checkpointing each layer is recomputed
+anyway, so there the two are stored, as peft does). Outputs and gradients equal peft's (up to the
+rounding of the operations peft does separately; tests/test_fused_lora.py), the parameters keep
+their names, so checkpoints, the saved adapter and the merge are as before.
+
+The layers are switched by class (FusedLoraLinear, FusedLoraLinear4bit: peft's classes with another
+forward); a layer in a state the fused path does not cover (DoRA or another variant, several active
+adapters, merged or disabled adapters, a LoRA bias, mixed-adapter batches) runs peft's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from job.config import Config
+
+
+def draw_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropout(x), what its backward pass needs), drawn exactly as `torch.nn.functional.dropout` draws it in
+    training: on CUDA its fused kernel (a boolean mask), elsewhere a Bernoulli draw divided by 1 - p."""
+    if x.is_cuda:
+        return torch.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * noise, noise
+
+
+def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    if keep.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(grad, keep, 1 / (1 - p))
+    return grad * keep
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else torch.default_generator
+
+
+class _FusedLora(torch.autograd.Function):
+    """result += scaling * dropout(x) @ A^T @ B^T, in place; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, result, x, weight_a, weight_b, scaling, dropout_p, recompute, compute_dtype):
+        shape_in = x.shape
+        x2 = x.reshape(-1, shape_in[-1])
+        a = weight_a.to(compute_dtype)
+        b = weight_b.to(compute_dtype)
+        state = None
+        if dropout_p > 0:
+            if recompute:
+                state = _generator(x.device).get_state()
+            dropped, keep = draw_dropout(x2.to(compute_dtype), dropout_p)
+        else:
+            dropped, keep = x2.to(compute_dtype), None
+        xa = dropped @ a.t()
+        out2 = result.view(-1, result.shape[-1])
+        if out2.dtype == compute_dtype:
+            out2.addmm_(xa, b.t(), alpha=scaling)
+        else:  # peft without autocast: the LoRA output in the adapter's dtype, cast to the base output's
+            out2.add_((xa @ b.t()).mul_(scaling).to(out2.dtype))
+        ctx.mark_dirty(result)
+        ctx.scaling, ctx.dropout_p, ctx.compute_dtype, ctx.state, ctx.shape_in = (
+            scaling, dropout_p, compute_dtype, state, shape_in)
+        if dropout_p > 0 and not recompute:
+            ctx.save_for_backward(x2, xa, weight_a, weight_b, dropped, keep)
+        else:  # x is kept anyway (it is the base layer's input and the other projections' too)
+            ctx.save_for_backward(x2, xa, weight_a, weight_b)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, weight_a, weight_b, *stored = ctx.saved_tensors
+        dtype, s, p = ctx.compute_dtype, ctx.scaling, ctx.dropout_p
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        grad_b = (g.t() @ xa).mul_(s).to(weight_b.dtype) if ctx.needs_input_grad[3] else None
+        grad_xa = (g @ b).mul_(s)  # [tokens, r]
+        keep = None
+        if stored:
+            dropped, keep = stored
+        elif p > 0:
+            generator = _generator(x2.device)
+            now = generator.get_state()
+            generator.set_state(ctx.state)
+            try:
+                dropped, keep = draw_dropout(x2.to(dtype), p)
+            finally:
+                generator.set_state(now)
+        else:
+            dropped = x2.to(dtype)
+        grad_a = (grad_xa.t() @ dropped).to(weight_a.dtype) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = grad_xa @ a
+            if keep is not None:
+                grad_x = dropout_backward(grad_x, keep, p)
+            grad_x = grad_x.to(x2.dtype).view(ctx.shape_in)
+        return grad_out, grad_x, grad_a, grad_b, None, None, None, None
+
+
+def fused_lora(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+               scaling: float, dropout_p: float, recompute: bool) -> torch.Tensor:
+    """`result + scaling * lora_B(lora_A(dropout(x)))` as peft computes it, written into `result` (the base
+    layer's output, which nothing else may hold on to). The LoRA matmuls run in autocast's dtype when
+    autocast is on (as peft's nn.Linear calls would), else in the adapter weights' dtype."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight_a.dtype
+    if result._base is not None:  # a view of another tensor: modifying it in place would alter that one
+        result = result.clone()
+    with torch.autocast(device, enabled=False):
+        return _FusedLora.apply(result, x, weight_a, weight_b, float(scaling), float(dropout_p), recompute, dtype)
+
+
+class FusedLoraMixin:
+    """peft's LoRA layer with its forward replaced by `fused_lora` where it applies (see the module docstring).
+    `fused_recompute_dropout` says whether the dropout is drawn again in the backward pass."""
+
+    fused_recompute_dropout: bool = False
+
+    def _fused_adapter(self, kwargs) -> str | None:
+        """The one adapter the fused path computes, or None when peft's forward must run."""
+        if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None \
+                or any(kwargs.get(k) is not None for k in _variant_keys()):
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1:
+            return None
+        name = active[0]
+        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if (name in getattr(self, "lora_variant", {}) or type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear
+                or lora_a.bias is not None or lora_b.bias is not None
+                or type(dropout) not in (nn.Dropout, nn.Identity)):
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        self._check_forward_args(x, *args, **kwargs)
+        for key in ("adapter_names", *_variant_keys()):
+            kwargs.pop(key, None)
+        result = self.base_layer(x, *args, **kwargs)
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return fused_lora(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
+                          self.fused_recompute_dropout)
+
+
+def _variant_keys() -> tuple[str, ...]:
+    """The keyword arguments peft's forward takes for its LoRA variants (not for the base layer)."""
+    from peft.tuners.lora import layer
+
+    return tuple(getattr(layer, "VARIANT_KWARG_KEYS", ()))
+
+
+def _fused_classes() -> dict[type, type]:
+    """peft's layer class -> its fused subclass (made once: a class made per call would not pickle)."""
+    global _CLASSES
+    if _CLASSES is None:
+        from peft.tuners.lora import layer
+
+        _CLASSES = {layer.Linear: type("FusedLoraLinear", (FusedLoraMixin, layer.Linear), {"__module__": __name__})}
+        try:
+            from peft.tuners.lora import bnb
+            if hasattr(bnb, "Linear4bit"):
+                _CLASSES[bnb.Linear4bit] = type("FusedLoraLinear4bit", (FusedLoraMixin, bnb.Linear4bit),
+                                                {"__module__": __name__})
+        except ImportError:  # no bitsandbytes: no 4-bit layers to fuse
+            pass
+        for cls in _CLASSES.values():
+            globals()[cls.__name__] = cls
+    return _CLASSES
+
+
+_CLASSES: dict[type, type] | None = None
+
+
+def fuse_lora_layers(model, recompute_dropout: bool) -> int:
+    """Switch each of peft's plain LoRA layers (on an nn.Linear or a bitsandbytes 4-bit base) to the fused
+    forward; returns how many. Layers of other kinds (8-bit, embeddings, convolutions) keep peft's."""
+    classes = _fused_classes()
+    fused = 0
+    for module in model.modules():
+        cls = classes.get(type(module))
+        if cls is None and isinstance(module, FusedLoraMixin):
+            cls = type(module)
+        if cls is None:
+            continue
+        module.__class__ = cls  # the same object: its parameters, hooks and names stay as they are
+        module.fused_recompute_dropout = recompute_dropout
+        fused += 1
+    return fused
+
+
+def choose_fused_lora(cfg: Config) -> tuple[bool, str]:
+    """Whether the LoRA layers use fused_lora, and why (or why not)."""
+    import torch
+
+    setting = cfg.train.fused_lora
+    if setting is False:
+        return False, "off (train.fused_lora: false)"
+    if setting is True:
+        return True, "train.fused_lora: true"
+    if not torch.cuda.is_available():
+        return False, "auto: not used, no CUDA device (on the CPU it saves nothing worth a second code path)"
+    return True, "auto: CUDA"
