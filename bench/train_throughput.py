@@ -91,6 +91,31 @@ class StepTimer:
                 "tokens_per_step": (n1 - n0) / steps, "measured_steps": steps}
 
 
+def step_profiler(start_step: int, out: Path):
+    """A callback that runs torch.profiler over the two optimizer steps after `start_step` and writes the
+    kernels' GPU time (the top 40, by total) to `out`. Profiling slows those steps: read the shares, not the
+    tokens/s of a profiled run."""
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        profiler = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == start_step:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+            elif state.global_step == start_step + 2 and self.profiler is not None:
+                torch.cuda.synchronize()
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                                           max_name_column_width=90)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(table)
+                self.profiler = None
+
+    return Profile()
+
+
 def notebook_trainer(model_dir, tokenizer, records, steps, out_dir):
     """The notebook: fp16 compute, batch 4, LoRA r=64 on q/v, gradient checkpointing, paged AdamW
     32-bit, group by length, no packing, pad = EOS (its bug; irrelevant for speed)."""
@@ -176,6 +201,8 @@ def run_recipe(name, make, warmup, shape):
     trainer, settings = made if isinstance(made, tuple) else (made, {})
     timer = StepTimer()
     trainer.add_callback(timer.callback)
+    if os.environ.get("BENCH_PROFILE"):  # variant word env:BENCH_PROFILE=FILE: where the GPU time of 2 steps goes
+        trainer.add_callback(step_profiler(warmup, Path(os.environ["BENCH_PROFILE"])))
     try:
         trainer.train()
     except torch.OutOfMemoryError:
