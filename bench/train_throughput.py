@@ -107,7 +107,7 @@ def step_profiler(start_step: int, out: Path):
             elif state.global_step == start_step + 2 and self.profiler is not None:
                 torch.cuda.synchronize()
                 self.profiler.__exit__(None, None, None)
-                table = self.profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                table = self.profiler.key_averages().table(sort_by="device_time_total", row_limit=40,
                                                            max_name_column_width=90)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(table)
