@@ -32,11 +32,10 @@ def main() -> int:
     model_dir = Path(tempfile.mkdtemp()) / "tiny-model"
     make_model(model_dir, SNLI_SAMPLE)
     models = cases.model_cache(model_dir)
-    runs = [(f"test_layer_equals_peft[{four_bit=},{dtype},{dropout=},{recompute=}]",
-             lambda f=four_bit, d=dtype, p=dropout, r=recompute:
-             cases.test_layer_equals_peft(models, DEVICE, f, d, p, r))
-            for four_bit, dtype, dropout, recompute in itertools.product(
-                [True, False], [torch.float32, torch.bfloat16], [0.0, 0.1], [False, True])]
+    runs = [(f"test_layer_equals_peft[{base},{dtype},{dropout=},{recompute=}]",
+             lambda b=base, d=dtype, p=dropout, r=recompute: cases.test_layer_equals_peft(models, DEVICE, b, d, p, r))
+            for base, dtype, dropout, recompute in itertools.product(
+                cases.BASES, [torch.float32, torch.bfloat16], [0.0, 0.1], [False, True])]
     runs += [("test_dropout_is_applied_and_drawn_from_the_seed",
               lambda: cases.test_dropout_is_applied_and_drawn_from_the_seed(models, DEVICE)),
              ("test_whole_model_loss_and_gradients", lambda: cases.test_whole_model_loss_and_gradients(models, DEVICE)),

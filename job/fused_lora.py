@@ -57,11 +57,20 @@ def _generator(device: torch.device) -> torch.Generator:
         if device.type == "cuda" else torch.default_generator
 
 
+def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes 4-bit layer's weight [out, in], dequantized as its own backward pass dequantizes it."""
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+
+
 class _FusedLora(torch.autograd.Function):
-    """result += scaling * dropout(x) @ A^T @ B^T, in place; see the module docstring."""
+    """result += scaling * dropout(x) @ A^T @ B^T, in place; see the module docstring. With `base` (a frozen
+    layer) instead of `result`, the base layer's output is computed here too and the backward pass adds the
+    LoRA's input gradient into the base's (one [tokens, in] tensor less per layer for autograd to sum)."""
 
     @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, scaling, dropout_p, recompute, compute_dtype):
+    def forward(ctx, result, base, x, weight_a, weight_b, scaling, dropout_p, recompute, compute_dtype):
         shape_in = x.shape
         x2 = x.reshape(-1, shape_in[-1])
         a = weight_a.to(compute_dtype)
@@ -74,14 +83,17 @@ class _FusedLora(torch.autograd.Function):
         else:
             dropped, keep = x2.to(compute_dtype), None
         xa = dropped @ a.t()
+        if result is None:
+            result = base(x)
+        else:
+            ctx.mark_dirty(result)
         out2 = result.view(-1, result.shape[-1])
         if out2.dtype == compute_dtype:
             out2.addmm_(xa, b.t(), alpha=scaling)
         else:  # peft without autocast: the LoRA output in the adapter's dtype, cast to the base output's
             out2.add_((xa @ b.t()).mul_(scaling).to(out2.dtype))
-        ctx.mark_dirty(result)
-        ctx.scaling, ctx.dropout_p, ctx.compute_dtype, ctx.state, ctx.shape_in = (
-            scaling, dropout_p, compute_dtype, state, shape_in)
+        ctx.base, ctx.scaling, ctx.dropout_p, ctx.compute_dtype, ctx.state, ctx.shape_in = (
+            base, scaling, dropout_p, compute_dtype, state, shape_in)
         if dropout_p > 0 and not recompute:
             ctx.save_for_backward(x2, xa, weight_a, weight_b, dropped, keep)
         else:  # x is kept anyway (it is the base layer's input and the other projections' too)
@@ -92,9 +104,10 @@ class _FusedLora(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, xa, weight_a, weight_b, *stored = ctx.saved_tensors
         dtype, s, p = ctx.compute_dtype, ctx.scaling, ctx.dropout_p
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out2.to(dtype)
         a, b = weight_a.to(dtype), weight_b.to(dtype)
-        grad_b = (g.t() @ xa).mul_(s).to(weight_b.dtype) if ctx.needs_input_grad[3] else None
+        grad_b = (g.t() @ xa).mul_(s).to(weight_b.dtype) if ctx.needs_input_grad[4] else None
         grad_xa = (g @ b).mul_(s)  # [tokens, r]
         keep = None
         if stored:
@@ -109,27 +122,50 @@ class _FusedLora(torch.autograd.Function):
                 generator.set_state(now)
         else:
             dropped = x2.to(dtype)
-        grad_a = (grad_xa.t() @ dropped).to(weight_a.dtype) if ctx.needs_input_grad[2] else None
+        grad_a = (grad_xa.t() @ dropped).to(weight_a.dtype) if ctx.needs_input_grad[3] else None
         grad_x = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2] and ctx.base is None:
             grad_x = grad_xa @ a
             if keep is not None:
                 grad_x = dropout_backward(grad_x, keep, p)
             grad_x = grad_x.to(x2.dtype).view(ctx.shape_in)
-        return grad_out, grad_x, grad_a, grad_b, None, None, None, None
+        elif ctx.needs_input_grad[2]:
+            # the base layer's part, in its compute dtype as bitsandbytes computes it
+            base_dtype = ctx.base.compute_dtype or grad_out2.dtype
+            grad_x = grad_out2.to(base_dtype) @ dequantized_weight(ctx.base, base_dtype)
+            if keep is None and grad_x.dtype == dtype:
+                grad_x.addmm_(grad_xa, a)
+            else:
+                lora = grad_xa @ a
+                grad_x.add_((dropout_backward(lora, keep, p) if keep is not None else lora).to(grad_x.dtype))
+            grad_x = grad_x.to(x2.dtype).view(ctx.shape_in)
+        return None if ctx.base is not None else grad_out, None, grad_x, grad_a, grad_b, None, None, None, None
 
 
-def fused_lora(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-               scaling: float, dropout_p: float, recompute: bool) -> torch.Tensor:
+def fused_lora(result: torch.Tensor | None, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+               scaling: float, dropout_p: float, recompute: bool, base: nn.Module | None = None) -> torch.Tensor:
     """`result + scaling * lora_B(lora_A(dropout(x)))` as peft computes it, written into `result` (the base
-    layer's output, which nothing else may hold on to). The LoRA matmuls run in autocast's dtype when
-    autocast is on (as peft's nn.Linear calls would), else in the adapter weights' dtype."""
+    layer's output, which nothing else may hold on to), or with `result` None into `base(x)`, computed here
+    (`base`: a frozen layer, see base_in_function). The LoRA matmuls run in autocast's dtype when autocast is
+    on (as peft's nn.Linear calls would), else in the adapter weights' dtype."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight_a.dtype
-    if result._base is not None:  # a view of another tensor: modifying it in place would alter that one
+    if result is not None and result._base is not None:  # a view: modifying it in place would alter another
         result = result.clone()
     with torch.autocast(device, enabled=False):
-        return _FusedLora.apply(result, x, weight_a, weight_b, float(scaling), float(dropout_p), recompute, dtype)
+        return _FusedLora.apply(result, base, x, weight_a, weight_b, float(scaling), float(dropout_p), recompute,
+                                dtype)
+
+
+def base_in_function(base: nn.Module) -> bool:
+    """Whether the fused function can compute this base layer itself: a bitsandbytes 4-bit layer whose weights
+    are frozen (its output then does not depend on autocast, and its input gradient is output gradient @ W).
+    Other bases (an nn.Linear under autocast) run as their own autograd nodes."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(base, bnb.nn.Linear4bit) and not any(p.requires_grad for p in base.parameters())
 
 
 class FusedLoraMixin:
@@ -137,6 +173,7 @@ class FusedLoraMixin:
     `fused_recompute_dropout` says whether the dropout is drawn again in the backward pass."""
 
     fused_recompute_dropout: bool = False
+    fused_with_base: bool = True  # compute a frozen 4-bit base inside the function (base_in_function)
 
     def _fused_adapter(self, kwargs) -> str | None:
         """The one adapter the fused path computes, or None when peft's forward must run."""
@@ -161,11 +198,13 @@ class FusedLoraMixin:
         self._check_forward_args(x, *args, **kwargs)
         for key in ("adapter_names", *_variant_keys()):
             kwargs.pop(key, None)
-        result = self.base_layer(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        base = self.base_layer if self.fused_with_base and not args and not kwargs \
+            and base_in_function(self.base_layer) else None
+        result = self.base_layer(x, *args, **kwargs) if base is None else None
         return fused_lora(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
-                          self.fused_recompute_dropout)
+                          self.fused_recompute_dropout, base)
 
 
 def _variant_keys() -> tuple[str, ...]:
