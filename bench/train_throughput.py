@@ -168,6 +168,10 @@ def job_trainer(model_dir, tokenizer, records, steps, out_dir, sets):
     trainer = build_trainer(cfg, ctx, model, tokenizer, examples.dataset, dtype, settings)
     trainer.args.disable_tqdm = True
     compiled = compile_decoder_layers(trainer.model, os.environ.get("BENCH_COMPILE_LAYERS", ""))
+    if os.environ.get("BENCH_FUSED_BASE") == "0":  # the 4-bit base as its own autograd node (job/fused_lora.py)
+        for module in trainer.model.modules():
+            if hasattr(module, "fused_with_base"):
+                module.fused_with_base = False
     return trainer, {**settings, "compiled_layers": compiled, "attention": kernels["attention"],
                      "liger": kernels["liger"], "liger_reason": kernels["liger_reason"],
                      "lora_dropout_recomputed": trainer.lora_dropout_recompute["layers"],
