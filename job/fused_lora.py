@@ -79,7 +79,10 @@ class _FusedLora(torch.autograd.Function):
         if dropout_p > 0:
             if recompute:
                 state = _generator(x.device).get_state()
-            dropped, keep = draw_dropout(x2.to(compute_dtype), dropout_p)
+            # drawn on x in its own dtype, as peft's nn.Dropout draws it (CUDA's kernel lays out its random
+            # numbers by dtype), then cast as autocast casts lora_A's input
+            dropped, keep = draw_dropout(x2, dropout_p)
+            dropped = dropped.to(compute_dtype)
         else:
             dropped, keep = x2.to(compute_dtype), None
         xa = dropped @ a.t()
@@ -92,17 +95,18 @@ class _FusedLora(torch.autograd.Function):
             out2.addmm_(xa, b.t(), alpha=scaling)
         else:  # peft without autocast: the LoRA output in the adapter's dtype, cast to the base output's
             out2.add_((xa @ b.t()).mul_(scaling).to(out2.dtype))
-        ctx.base, ctx.scaling, ctx.dropout_p, ctx.compute_dtype, ctx.state, ctx.shape_in = (
-            base, scaling, dropout_p, compute_dtype, state, shape_in)
-        if dropout_p > 0 and not recompute:
-            ctx.save_for_backward(x2, xa, weight_a, weight_b, dropped, keep)
-        else:  # x is kept anyway (it is the base layer's input and the other projections' too)
-            ctx.save_for_backward(x2, xa, weight_a, weight_b)
+        ctx.base, ctx.scaling, ctx.dropout_p, ctx.compute_dtype, ctx.state, ctx.shape_in, ctx.x_dtype = (
+            base, scaling, dropout_p, compute_dtype, state, shape_in, x.dtype)
+        ctx.stored = dropout_p > 0 and not recompute
+        if ctx.stored:  # what peft keeps: the dropped input and the mask, not x
+            ctx.save_for_backward(xa, weight_a, weight_b, dropped, keep)
+        else:  # x, to draw the dropout again or as lora_A's input (what peft keeps with dropout 0)
+            ctx.save_for_backward(xa, weight_a, weight_b, x2)
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, weight_a, weight_b, *stored = ctx.saved_tensors
+        xa, weight_a, weight_b, *kept = ctx.saved_tensors
         dtype, s, p = ctx.compute_dtype, ctx.scaling, ctx.dropout_p
         grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
         g = grad_out2.to(dtype)
@@ -110,36 +114,42 @@ class _FusedLora(torch.autograd.Function):
         grad_b = (g.t() @ xa).mul_(s).to(weight_b.dtype) if ctx.needs_input_grad[4] else None
         grad_xa = (g @ b).mul_(s)  # [tokens, r]
         keep = None
-        if stored:
-            dropped, keep = stored
-        elif p > 0:
+        if ctx.stored:
+            dropped, keep = kept
+        elif p > 0:  # draw the forward's mask again from the generator state it was drawn with
+            (x2,) = kept
             generator = _generator(x2.device)
             now = generator.get_state()
             generator.set_state(ctx.state)
             try:
-                dropped, keep = draw_dropout(x2.to(dtype), p)
+                dropped, keep = draw_dropout(x2, p)
             finally:
                 generator.set_state(now)
+            dropped = dropped.to(dtype)
         else:
-            dropped = x2.to(dtype)
+            dropped = kept[0].to(dtype)
         grad_a = (grad_xa.t() @ dropped).to(weight_a.dtype) if ctx.needs_input_grad[3] else None
-        grad_x = None
-        if ctx.needs_input_grad[2] and ctx.base is None:
-            grad_x = grad_xa @ a
-            if keep is not None:
-                grad_x = dropout_backward(grad_x, keep, p)
-            grad_x = grad_x.to(x2.dtype).view(ctx.shape_in)
-        elif ctx.needs_input_grad[2]:
-            # the base layer's part, in its compute dtype as bitsandbytes computes it
+        if not ctx.needs_input_grad[2]:
+            grad_x = None
+        elif ctx.base is None:
+            grad_x = lora_input_grad(grad_xa, a, keep, p, ctx.x_dtype)
+        else:
+            # the base layer's part, in its compute dtype as bitsandbytes computes it, and the LoRA's added in
             base_dtype = ctx.base.compute_dtype or grad_out2.dtype
             grad_x = grad_out2.to(base_dtype) @ dequantized_weight(ctx.base, base_dtype)
             if keep is None and grad_x.dtype == dtype:
                 grad_x.addmm_(grad_xa, a)
             else:
-                lora = grad_xa @ a
-                grad_x.add_((dropout_backward(lora, keep, p) if keep is not None else lora).to(grad_x.dtype))
-            grad_x = grad_x.to(x2.dtype).view(ctx.shape_in)
+                grad_x.add_(lora_input_grad(grad_xa, a, keep, p, ctx.x_dtype).to(grad_x.dtype))
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype).view(ctx.shape_in)
         return None if ctx.base is not None else grad_out, None, grad_x, grad_a, grad_b, None, None, None, None
+
+
+def lora_input_grad(grad_xa: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | None, p: float, x_dtype):
+    """The LoRA path's gradient of its input: through lora_A, cast back to the input's dtype, through the dropout."""
+    grad = (grad_xa @ a).to(x_dtype)
+    return dropout_backward(grad, keep, p) if keep is not None else grad
 
 
 def fused_lora(result: torch.Tensor | None, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
