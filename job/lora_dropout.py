@@ -14,7 +14,9 @@ operations. The adapter's weights and names do not change (lora_A keeps its `wei
 checkpoints, the saved adapter and the merge are as before.
 
 Under activation checkpointing the whole decoder layer is recomputed in the backward anyway and its
-masks are never stored for more than one layer, so the fold is left off there.
+masks are never stored for more than one layer, so the fold is left off there. With the fused LoRA
+function (job/fused_lora.py, the default on CUDA) the fold is not used: that function draws the mask
+again itself, without the checkpoint's bookkeeping.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def fold_lora_dropout(model) -> int:
     return folded
 
 
-def choose_recompute(cfg: Config, checkpointing: bool) -> tuple[bool, str]:
-    """Whether the LoRA dropout is recomputed (fold_lora_dropout), and why (or why not)."""
+def choose_recompute(cfg: Config, checkpointing: bool, fused: bool) -> tuple[bool, str]:
+    """Whether the LoRA dropout is drawn again in the backward pass instead of stored, and why (or why not).
+    `fused`: the LoRA layers run job/fused_lora.py's function, which does it itself (measured faster than
+    storing, with the planner's larger batch); without it, fold_lora_dropout does it (7% slower than peft at
+    the same batch: only with true)."""
     setting = cfg.train.recompute_lora_dropout
     if cfg.train.lora_dropout == 0:
         return False, "no LoRA dropout (train.lora_dropout: 0)"
@@ -76,4 +81,6 @@ def choose_recompute(cfg: Config, checkpointing: bool) -> tuple[bool, str]:
         return True, "train.recompute_lora_dropout: true"
     if checkpointing:
         return False, "auto: not needed, activation checkpointing recomputes each layer anyway"
+    if not fused:
+        return False, "auto: not without the fused LoRA function (peft's own forward stores them)"
     return True, "auto: no activation checkpointing, so the masks and dropped inputs would be stored"

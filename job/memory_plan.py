@@ -217,9 +217,11 @@ def _train(cfg, shape: ModelShape, machine: Machine, base4: float, lora: int) ->
     fixed = base4 + 16 * lora + GPU_FIXED
     need = fixed + shape.activation_bytes_per_token(checkpointing=True) * length  # one packed row, checkpointed
     # The batch planner fills up to 90% of the free memory with up to 16k tokens (no checkpointing) per step.
-    # With train.recompute_lora_dropout auto or true, a run without checkpointing recomputes the LoRA dropout
-    # (job/lora_dropout.py choose_recompute, not imported here: it needs torch) and stores what dropout 0 stores.
-    stored_dropout = t.lora_dropout if t.recompute_lora_dropout is False else 0
+    # With train.recompute_lora_dropout true, or auto with the fused LoRA function (train.fused_lora auto: on
+    # CUDA), a run without checkpointing draws the LoRA dropout again in the backward pass and stores what
+    # dropout 0 stores (job/lora_dropout.py choose_recompute, not imported here: it needs torch).
+    recomputed = t.recompute_lora_dropout is True or (t.recompute_lora_dropout == "auto" and t.fused_lora is not False)
+    stored_dropout = 0 if recomputed else t.lora_dropout
     wanted = fixed + shape.activation_bytes_per_token(False, lora_dropout=stored_dropout) * 16384
     checkpoints = 3 * 4 * lora * (t.keep_checkpoints + 1)  # weights + two AdamW moments, fp32, kept + one in flight
     if machine.gpu_free is None:

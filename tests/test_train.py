@@ -58,11 +58,10 @@ def test_train_to_completion(run_setup, reference_losses):
     root, endpoint, data_uri, env, model_dir = run_setup
     # with the LoRA dropout recomputed (job/lora_dropout.py): the losses below must still equal the
     # reference run's, which stored it as peft does
-    result = run_job(*train_args(root, data_uri, model_dir, "--set", "train.recompute_lora_dropout=auto"), env=env)
+    result = run_job(*train_args(root, data_uri, model_dir, "--set", "train.recompute_lora_dropout=true"), env=env)
     assert result.returncode == 0, result.stderr
     m = marker(root, endpoint, "train")["metrics"]
-    assert m["recompute_lora_dropout"] == {"used": True, "layers": 14, "reason": "auto: no activation "
-                                           "checkpointing, so the masks and dropped inputs would be stored"}
+    assert m["recompute_lora_dropout"] == {"used": True, "layers": 14, "reason": "train.recompute_lora_dropout: true"}
     assert m["steps"] == MAX_STEPS and m["resumed_from_step"] is None
     assert m["tokens_seen"] > 0 and m["tokens_per_s"] > 0
     assert m["label_check"]["examples"] > 0 and m["label_check"]["packed"] is True

@@ -315,7 +315,8 @@ def plan_batch(cfg: Config, examples, model_dir: Path, kernels: dict | None = No
     budget = 0.90 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
     kernels = kernels if kernels is not None else choose_kernels(cfg, model_dir)
     # Without checkpointing, a recomputed LoRA dropout (job/lora_dropout.py) stores what dropout 0 stores.
-    stored_dropout = {False: 0 if choose_recompute(cfg, False)[0] else t.lora_dropout, True: t.lora_dropout}
+    recomputed = choose_recompute(cfg, False, choose_fused_lora(cfg)[0])[0]
+    stored_dropout = {False: 0 if recomputed else t.lora_dropout, True: t.lora_dropout}
     per_token = {ckpt: shape.activation_bytes_per_token(ckpt, kernels["liger"], stored_dropout[ckpt])
                  for ckpt in (False, True)}
     length = t.packing_length if t.packing_length != "auto" else max(2048, longest)
@@ -440,8 +441,8 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     trainer.checkpoint_sync = sync
-    recompute, reason = choose_recompute(cfg, settings["gradient_checkpointing"])
     fused, fused_reason = choose_fused_lora(cfg)
+    recompute, reason = choose_recompute(cfg, settings["gradient_checkpointing"], fused)
     if fused:  # the fused function draws the dropout again itself (job/fused_lora.py)
         layers = fuse_lora_layers(trainer.model, recompute_dropout=recompute)
         dropped = layers if recompute and t.lora_dropout > 0 else 0
