@@ -36,7 +36,8 @@ def main() -> int:
              lambda b=base, d=dtype, p=dropout, r=recompute: cases.test_layer_equals_peft(models, DEVICE, b, d, p, r))
             for base, dtype, dropout, recompute in itertools.product(
                 cases.BASES, [torch.float32, torch.bfloat16], [0.0, 0.1], [False, True])]
-    runs += [("test_dropout_is_applied_and_drawn_from_the_seed",
+    runs += [("test_keeps_no_more_than_peft", lambda: cases.test_keeps_no_more_than_peft(models, DEVICE)),
+             ("test_dropout_is_applied_and_drawn_from_the_seed",
               lambda: cases.test_dropout_is_applied_and_drawn_from_the_seed(models, DEVICE)),
              ("test_whole_model_loss_and_gradients", lambda: cases.test_whole_model_loss_and_gradients(models, DEVICE)),
              ("test_choice_and_its_reason", cases.test_choice_and_its_reason)]
