@@ -265,13 +265,11 @@ def fuse_lora_layers(model, recompute_dropout: bool) -> int:
 
 def choose_fused_lora(cfg: Config) -> tuple[bool, str]:
     """Whether the LoRA layers use fused_lora, and why (or why not)."""
-    import torch
-
     setting = cfg.train.fused_lora
     if setting is False:
         return False, "off (train.fused_lora: false)"
     if setting is True:
         return True, "train.fused_lora: true"
     if not torch.cuda.is_available():
-        return False, "auto: not used, no CUDA device (on the CPU it saves nothing worth a second code path)"
+        return False, "auto: not used, no CUDA device (measured and made the default on GPUs only)"
     return True, "auto: CUDA"

@@ -240,5 +240,5 @@ def test_choice_and_its_reason():
     assert choose_fused_lora(cfg("train.fused_lora=false")) == (False, "off (train.fused_lora: false)")
     assert choose_fused_lora(cfg("train.fused_lora=true")) == (True, "train.fused_lora: true")
     expected = (True, "auto: CUDA") if torch.cuda.is_available() else (
-        False, "auto: not used, no CUDA device (on the CPU it saves nothing worth a second code path)")
+        False, "auto: not used, no CUDA device (measured and made the default on GPUs only)")
     assert choose_fused_lora(cfg()) == expected
