@@ -314,7 +314,8 @@ def plan_batch(cfg: Config, examples, model_dir: Path, kernels: dict | None = No
     free = usable_gpu_memory()
     budget = 0.90 * free - base_bytes - 1.5 * 2**30  # LoRA weights, optimizer state, CUDA context, workspace
     kernels = kernels if kernels is not None else choose_kernels(cfg, model_dir)
-    # Without checkpointing, a recomputed LoRA dropout (job/lora_dropout.py) stores what dropout 0 stores.
+    # Without checkpointing, a LoRA dropout drawn again in the backward pass (by job/fused_lora.py, or
+    # job/lora_dropout.py's fold) stores what dropout 0 stores.
     recomputed = choose_recompute(cfg, False, choose_fused_lora(cfg)[0])[0]
     stored_dropout = {False: 0 if recomputed else t.lora_dropout, True: t.lora_dropout}
     per_token = {ckpt: shape.activation_bytes_per_token(ckpt, kernels["liger"], stored_dropout[ckpt])
