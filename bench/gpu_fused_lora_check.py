@@ -34,8 +34,8 @@ def main() -> int:
     models = cases.model_cache(model_dir)
     runs = [(f"test_layer_equals_peft[{base},{dtype},{dropout=},{recompute=}]",
              lambda b=base, d=dtype, p=dropout, r=recompute: cases.test_layer_equals_peft(models, DEVICE, b, d, p, r))
-            for base, dtype, dropout, recompute in itertools.product(
-                cases.BASES, [torch.float32, torch.bfloat16], [0.0, 0.1], [False, True])]
+            for (base, dtype), dropout, recompute in itertools.product(
+                [p.values for p in cases.BASE_DTYPES], [0.0, 0.1], [False, True])]
     runs += [("test_keeps_no_more_than_peft", lambda: cases.test_keeps_no_more_than_peft(models, DEVICE)),
              ("test_dropout_is_applied_and_drawn_from_the_seed",
               lambda: cases.test_dropout_is_applied_and_drawn_from_the_seed(models, DEVICE)),
