@@ -183,12 +183,12 @@ class FusedLoraMixin:
     `fused_recompute_dropout` says whether the dropout is drawn again in the backward pass."""
 
     fused_recompute_dropout: bool = False
-    fused_with_base: bool = True  # compute a frozen 4-bit base inside the function (base_in_function)
+    fused_with_base: bool = False  # compute the base inside the function (set by fuse_lora_layers: base_in_function)
 
-    def _fused_adapter(self, kwargs) -> str | None:
+    def _fused_adapter(self, kwargs, variant_keys) -> str | None:
         """The one adapter the fused path computes, or None when peft's forward must run."""
         if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None \
-                or any(kwargs.get(k) is not None for k in _variant_keys()):
+                or any(kwargs.get(k) is not None for k in variant_keys):
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) != 1:
@@ -202,16 +202,16 @@ class FusedLoraMixin:
         return name
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self._fused_adapter(kwargs)
+        variant_keys = _variant_keys()
+        name = self._fused_adapter(kwargs, variant_keys)
         if name is None:
             return super().forward(x, *args, **kwargs)
         self._check_forward_args(x, *args, **kwargs)
-        for key in ("adapter_names", *_variant_keys()):
+        for key in ("adapter_names", *variant_keys):
             kwargs.pop(key, None)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        base = self.base_layer if self.fused_with_base and not args and not kwargs \
-            and base_in_function(self.base_layer) else None
+        base = self.base_layer if self.fused_with_base and not args and not kwargs else None
         result = self.base_layer(x, *args, **kwargs) if base is None else None
         return fused_lora(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
                           self.fused_recompute_dropout, base)
@@ -259,6 +259,7 @@ def fuse_lora_layers(model, recompute_dropout: bool) -> int:
             continue
         module.__class__ = cls  # the same object: its parameters, hooks and names stay as they are
         module.fused_recompute_dropout = recompute_dropout
+        module.fused_with_base = base_in_function(module.base_layer)  # decided once, not on every call
         fused += 1
     return fused
 

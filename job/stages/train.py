@@ -446,7 +446,7 @@ def build_trainer(cfg: Config, ctx, model, tokenizer, dataset, dtype, settings):
     recompute, reason = choose_recompute(cfg, settings["gradient_checkpointing"], fused)
     if fused:  # the fused function draws the dropout again itself (job/fused_lora.py)
         layers = fuse_lora_layers(trainer.model, recompute_dropout=recompute)
-        dropped = layers if recompute and t.lora_dropout > 0 else 0
+        dropped = layers if recompute else 0
     else:
         layers, dropped = 0, fold_lora_dropout(trainer.model) if recompute else 0
     trainer.fused_lora = {"used": fused, "reason": fused_reason, "layers": layers}
